@@ -1,0 +1,177 @@
+"""Quality benchmark: methods x bit-widths x teachers at a named budget, over seeds.
+
+Each run is a separate ``dfq quantize`` process (so its peak memory is its own and a crash loses only
+that run); finished runs are reused, so an interrupted benchmark picks up where it stopped.
+Writes ``bench/results/quality-<budget>.json`` and ``.md`` and prints the table.
+
+    python bench/quality.py --budget cpu --methods gdfq --bits W8A8 W4A4 W3A3 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dfq.models.teachers import read_manifest  # noqa: E402
+
+
+def run_one(
+    teacher: str,
+    method: str,
+    bits: str,
+    budget: str,
+    seed: int,
+    runs_dir: Path,
+    extra: dict,
+    threads: int | None,
+) -> dict:
+    tag = f"{teacher}-{method}-{bits}-{budget}-s{seed}" + (
+        "-" + "-".join(f"{k}{v}" for k, v in sorted(extra.items())) if extra else ""
+    )
+    out = runs_dir / tag
+    spec = {"method": method, "bits": bits, "budget": budget, "seed": seed, "eval": "fashion-mnist", **extra}
+    cmd = [
+        sys.executable,
+        "-m",
+        "dfq.cli",
+        "quantize",
+        "--teacher",
+        teacher,
+        "--spec",
+        json.dumps(spec),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{tag} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    report = json.loads((out / "report.json").read_text())
+    print(
+        f"  {tag}: q_top1 {report['q_top1']:.2f} (FP {report['fp_top1']:.2f}) in {time.time() - t0:.0f}s",
+        flush=True,
+    )
+    return report
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": round(statistics.fmean(values), 2),
+        "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def aggregate(reports: list[dict]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in reports:
+        groups.setdefault((r["teacher"]["name"], r["method"], r["bits"], r["layers"]), []).append(r)
+    rows = []
+    for (teacher, method, bits, layers), rs in groups.items():
+        rows.append(
+            {
+                "teacher": teacher,
+                "method": method,
+                "bits": bits,
+                "layers": layers,
+                "kd_reduction": rs[0]["kd_reduction"],
+                "act_range": rs[0]["act_range"],
+                "seeds": [r["seed"] for r in rs],
+                "fp_top1": rs[0]["fp_top1"],
+                "q_top1": _stats([r["q_top1"] for r in rs]),
+                "q_top1_best_epoch": _stats([r["best_epoch"]["q_top1"] for r in rs if r.get("best_epoch")])
+                if all(r.get("best_epoch") for r in rs)
+                else None,
+                "best_epoch_n_eval": rs[0].get("best_epoch", {}).get("n_eval"),
+                "agreement": _stats([r["agreement"] for r in rs]),
+                "wall_s": _stats([r["wall_s"] for r in rs]),
+                "it_per_s": _stats([r["it_per_s"] for r in rs]),
+                "peak_mem_mb": max(r["peak_mem_mb"] for r in rs),
+                "iterations": rs[0]["iterations"],
+                "n_eval": rs[0]["n_eval"],
+                "device": rs[0]["device"],
+                "threads": rs[0]["threads"],
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict], budget: str) -> str:
+    head = (
+        "| teacher | method | bits | layers | FP top-1 | q top-1 (final) | q top-1 (best epoch*) | agreement | wall s | it/s | peak MB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    for r in rows:
+
+        def pm(s):
+            return (
+                f"{s['mean']:.2f} ± {s['std']:.2f}"
+                if s and s["n"] > 1
+                else (f"{s['mean']:.2f}" if s else "-")
+            )
+
+        lines.append(
+            f"| {r['teacher']} | {r['method']} | {r['bits']} | {r['layers']} | {r['fp_top1']:.2f} | {pm(r['q_top1'])} | "
+            f"{pm(r['q_top1_best_epoch'])} | {pm(r['agreement'])} | {r['wall_s']['mean']:.0f} | {r['it_per_s']['mean']:.2f} | {r['peak_mem_mb']:.0f} |"
+        )
+    seeds = sorted({s for r in rows for s in r["seeds"]})
+    foot = (
+        f"\nBudget `{budget}`, seeds {seeds} (mean ± sample std where n > 1), KD reduction `{rows[0]['kd_reduction'] if rows else ''}`, "
+        f"activation ranges `{rows[0]['act_range'] if rows else ''}`. Final-epoch top-1 on the full Fashion-MNIST test set (10,000 images).\n"
+        f"*Best epoch: the best of the per-epoch evaluations on the first {rows[0]['best_epoch_n_eval'] if rows else '?'} test images "
+        "(test-set model selection, as the reference repositories report; not the headline).\n"
+    )
+    return head + "\n".join(lines) + "\n" + foot
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget", default="cpu")
+    p.add_argument("--teachers", nargs="+", default=None, help="default: every bundled teacher")
+    p.add_argument("--methods", nargs="+", default=["gdfq"])
+    p.add_argument("--bits", nargs="+", default=["W8A8", "W4A4", "W3A3"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench"))
+    p.add_argument("--name", default=None, help="results file stem (default quality-<budget>)")
+    p.add_argument("--extra", default="{}", help="JSON merged into every spec (e.g. overrides)")
+    args = p.parse_args(argv)
+    teachers = args.teachers or sorted(read_manifest())
+    extra = json.loads(args.extra)
+    reports = []
+    for teacher in teachers:
+        for method in args.methods:
+            for bits in args.bits:
+                for seed in args.seeds:
+                    reports.append(
+                        run_one(
+                            teacher, method, bits, args.budget, seed, Path(args.runs_dir), extra, args.threads
+                        )
+                    )
+    rows = aggregate(reports)
+    stem = args.name or f"quality-{args.budget}"
+    results = ROOT / "bench" / "results"
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{stem}.json").write_text(
+        json.dumps({"budget": args.budget, "extra": extra, "rows": rows}, indent=2) + "\n"
+    )
+    table = markdown(rows, args.budget)
+    (results / f"{stem}.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The generative DFQ loop (GDFQ): one generator step, then one student step on the same batch.
+
+It knows nothing of Celery or HTTP: it takes a ``JobSpec``, a teacher, an event callback and a cancel
+check, and saves/loads its complete state so a killed run resumes where its last checkpoint left it
+and continues bit-for-bit as if it had never stopped (on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dfq.data import LabelledSet, Preprocess
+from dfq.distill import student_loss
+from dfq.evaluate import predict, top1
+from dfq.quant import quantize, set_calibration
+from dfq.spec import JobSpec
+from dfq.synth.bn_stats import bn_layers
+from dfq.synth.generators import build_generator
+from dfq.synth.objective import GeneratorObjective
+
+STATE_VERSION = 1
+
+
+class Cancelled(Exception):
+    """Raised when the cancel check returned True; the state was saved first."""
+
+
+@dataclass
+class Event:
+    """What the loop reports; the CLI shows it as a progress bar, the worker stores and publishes it.
+
+    kind: ``phase`` (a new phase began), ``step`` (an iteration finished, with its losses),
+    ``samples`` (a grid of synthetic images), ``eval`` (accuracy on the labelled set), ``checkpoint``.
+    """
+
+    kind: str
+    phase: str
+    step: int
+    total: int
+    epoch: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    images: torch.Tensor | None = None  # N x C x H x W in the teacher's (normalised) input space
+    labels: torch.Tensor | None = None
+
+
+EventCallback = Callable[[Event], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": json.dumps(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    version, internal, gauss = json.loads(state["python"])
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _grads_finite(module: nn.Module) -> bool:
+    """False when a loss produced inf/NaN gradients (e.g. eigh on a degenerate Gram matrix); the step is
+    then skipped and logged as ``g_skipped`` rather than corrupting the generator."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return bool(torch.isfinite(torch.stack([g.abs().sum() for g in grads]).sum())) if grads else True
+
+
+class Pipeline:
+    """One run's models, optimizers and counters (state is real here, hence a class)."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        teacher: nn.Module,
+        num_classes: int,
+        input_shape: tuple[int, int, int],
+        device: torch.device | str = "cpu",
+        eval_set: LabelledSet | None = None,
+        preprocess: Preprocess | None = None,
+        samples_per_class: int = 4,
+        calib_set: LabelledSet | None = None,
+    ) -> None:
+        self.spec, self.device = spec, torch.device(device)
+        self.num_classes, self.input_shape = num_classes, tuple(input_shape)
+        self.eval_set, self.preprocess = eval_set, preprocess
+        seed_everything(spec.seed)
+        self.teacher = teacher.to(self.device).eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        if not bn_layers(self.teacher):
+            raise ValueError("the teacher has no BatchNorm layers: nothing for the generator to match")
+        self.student = quantize(self.teacher, spec.quant).to(self.device).eval()
+        for p in self.student.parameters():
+            p.requires_grad_(True)
+        m, b = spec.method, spec.budget
+        self.generator = build_generator(
+            m.generator,
+            num_classes,
+            self.input_shape,
+            m.latent_dim,
+            lka=bool(m.lrq and m.lrq.lka),
+            center_condition=m.acq is not None,
+        ).to(self.device)
+        self.objective = GeneratorObjective(
+            spec, self.teacher, num_classes, self.input_shape, self.device, calib_set, preprocess
+        )
+        self.generator.train()
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=b.lr_g, betas=tuple(b.g_betas))
+        self.opt_s = torch.optim.SGD(
+            self.student.parameters(),
+            lr=b.lr_s,
+            momentum=b.momentum,
+            nesterov=b.nesterov,
+            weight_decay=b.weight_decay,
+        )
+        self.sched_g = torch.optim.lr_scheduler.MultiStepLR(self.opt_g, b.lr_milestones, b.lr_gamma)
+        self.sched_s = torch.optim.lr_scheduler.MultiStepLR(self.opt_s, b.lr_milestones, b.lr_gamma)
+        self.step = 0  # iterations completed
+        self.history: dict[str, Any] = {"evals": [], "best": None, "train_s": 0.0}
+        # Fixed noise for sample grids: the same z at every snapshot, so grids show how G evolves.
+        shown = min(num_classes, 10)
+        g = torch.Generator().manual_seed(spec.seed + 7919)
+        self.sample_z = torch.randn(shown * samples_per_class, m.latent_dim, generator=g).to(self.device)
+        self.sample_y = torch.arange(shown).repeat_interleave(samples_per_class).to(self.device)
+        # ACQ generators also take an attention center: snapshots use a fixed spread of centers
+        self.sample_c = torch.rand(len(self.sample_y), 2, generator=g).to(self.device) if m.acq else None
+
+    # ------------------------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "spec": json.dumps(self.spec.canonical(), sort_keys=True),
+            "step": self.step,
+            "generator": self.generator.state_dict(),
+            "student": self.student.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_s": self.opt_s.state_dict(),
+            "sched_g": self.sched_g.state_dict(),
+            "sched_s": self.sched_s.state_dict(),
+            "rng": _rng_state(),
+            "history": json.dumps(self.history),
+            "objective": self.objective.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"checkpoint state version {state.get('version')} is not {STATE_VERSION}")
+        if json.loads(state["spec"]) != self.spec.canonical():
+            raise ValueError(
+                "the checkpoint was written by a run with a different JobSpec; use another --out"
+            )
+        self.step = int(state["step"])
+        self.generator.load_state_dict(state["generator"])
+        self.student.load_state_dict(state["student"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_s.load_state_dict(state["opt_s"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_s.load_state_dict(state["sched_s"])
+        self.history = json.loads(state["history"])
+        self.objective.load_state_dict(state.get("objective", {}))
+        _set_rng_state(state["rng"])
+
+    def save(self, path: str | Path) -> None:
+        """Atomic write, so a kill during the save leaves the previous checkpoint intact."""
+        path = Path(path)
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: str | Path) -> None:
+        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+
+    # ------------------------------------------------------------------------------------ loop
+
+    @property
+    def total(self) -> int:
+        return self.spec.budget.total_iters
+
+    def phase(self, epoch: int) -> str:
+        b, q = self.spec.budget, self.spec.quant
+        if epoch < b.warmup_epochs:
+            return "warmup"
+        return "calibrate+finetune" if epoch < q.calibration_epochs else "finetune"
+
+    def train_step(self) -> dict[str, float]:
+        """One iteration: G step on L_G, then S step on L_S with the same (detached) images."""
+        b = self.spec.budget
+        epoch = self.step // b.iters_per_epoch
+        in_warmup = epoch < b.warmup_epochs
+        extra: dict[str, float] = {}
+        if not in_warmup and self.objective.needs_warmup_end():
+            extra = self.objective.on_warmup_end(self.generator)
+
+        loss_g, images, y, t_logits, parts = self.objective.loss(self.generator, in_warmup)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        finite = _grads_finite(self.generator)
+        if finite:
+            self.opt_g.step()
+
+        x, t, labels = images.detach(), t_logits.detach(), y
+        obj = self.objective
+        if not in_warmup and obj.calib_images is not None and self.spec.method.fdda.student_real:
+            x = torch.cat([obj.calib_images, x])
+            t = torch.cat([obj.calib_logits, t])
+            labels = torch.cat([obj.calib_labels, y])
+        with torch.set_grad_enabled(not in_warmup):
+            s_logits = self.student(x)
+            loss_s, s_parts = student_loss(self.spec.method, s_logits, t, labels, epoch, b.epochs)
+        if not in_warmup:
+            self.opt_s.zero_grad(set_to_none=True)
+            loss_s.backward()
+            self.opt_s.step()
+        metrics = {
+            "g_loss": loss_g.item(),
+            "g_acc": top1(t_logits.argmax(1), y),
+            "s_loss": loss_s.item(),
+            "s_agree": top1(s_logits.argmax(1), t.argmax(1)),
+            "lr_s": self.opt_s.param_groups[0]["lr"],
+            "lr_g": self.opt_g.param_groups[0]["lr"],
+            **{k: float(v) for k, v in parts.items()},
+            **{k: float(v) for k, v in s_parts.items()},
+            **extra,
+        }
+        if not finite:
+            metrics["g_skipped"] = 1.0
+        return metrics
+
+    @torch.no_grad()
+    def synthesize(self, z: torch.Tensor, y: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """G's images as training sees them (train-mode BN), leaving G's BN running stats untouched."""
+        saved = {k: v.clone() for k, v in self.generator.named_buffers()}
+        c = self.sample_c if (c is None and self.sample_c is not None and len(z) == len(self.sample_c)) else c
+        if c is None and self.objective.center_conditioned:
+            c = torch.rand(len(z), 2, generator=torch.Generator().manual_seed(len(z))).to(self.device)
+        images = self.generator(z.to(self.device), y.to(self.device), c)
+        for k, v in self.generator.named_buffers():
+            v.copy_(saved[k])
+        return images
+
+    def sample_grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images for the fixed sample noise (grouped by class)."""
+        return self.synthesize(self.sample_z, self.sample_y).cpu(), self.sample_y.cpu()
+
+    def evaluate(self, limit: int | None = None) -> dict[str, float] | None:
+        """Top-1 of the student on the labelled set; activation ranges never see real data."""
+        if self.eval_set is None:
+            return None
+        data = self.eval_set.subset(limit)
+        set_calibration(self.student, False)
+        pred = predict(self.student, data.images, self.preprocess, device=self.device)
+        return {"q_top1": round(top1(pred, data.labels), 2), "n_eval": len(data)}
+
+    def run(
+        self,
+        on_event: EventCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        checkpoint_path: str | Path | None = None,
+    ) -> dict[str, Any]:
+        """Train to the end of the budget (from ``self.step``), emitting events; returns the history."""
+        b, q = self.spec.budget, self.spec.quant
+        emit = on_event or (lambda e: None)
+        current_phase = None
+        t0, first = time.perf_counter(), self.step
+        while self.step < self.total:
+            epoch = self.step // b.iters_per_epoch
+            if self.step % b.iters_per_epoch == 0 or self.step == first:
+                set_calibration(self.student, epoch < q.calibration_epochs)
+            phase = self.phase(epoch)
+            if phase != current_phase:
+                current_phase = phase
+                emit(Event("phase", phase, self.step, self.total, epoch))
+            if should_cancel is not None and should_cancel():
+                if checkpoint_path:
+                    self.save(checkpoint_path)
+                raise Cancelled(f"cancelled at step {self.step}/{self.total}")
+            t_step = time.perf_counter()
+            metrics = self.train_step()
+            self.step += 1
+            self.history["train_s"] += time.perf_counter() - t_step
+            metrics["it_per_s"] = (self.step - first) / max(time.perf_counter() - t0, 1e-9)
+            emit(Event("step", phase, self.step, self.total, epoch, metrics))
+            if self.step % b.sample_every == 0 or self.step == self.total:
+                images, labels = self.sample_grid()
+                emit(Event("samples", phase, self.step, self.total, epoch, images=images, labels=labels))
+            if self.step % b.iters_per_epoch == 0:
+                with warnings.catch_warnings():  # the student is not stepped during warm-up
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.sched_g.step()
+                    self.sched_s.step()
+                done_epochs = self.step // b.iters_per_epoch
+                if b.eval_every and (done_epochs % b.eval_every == 0 or self.step == self.total):
+                    result = self.evaluate(b.eval_limit)
+                    if result is not None:
+                        result["epoch"] = done_epochs
+                        self.history["evals"].append(result)
+                        best = self.history["best"]
+                        if best is None or result["q_top1"] > best["q_top1"]:
+                            self.history["best"] = result
+                        emit(Event("eval", phase, self.step, self.total, epoch, dict(result)))
+            if checkpoint_path and (self.step % b.checkpoint_every == 0 or self.step == self.total):
+                self.save(checkpoint_path)
+                emit(Event("checkpoint", phase, self.step, self.total, epoch))
+        set_calibration(self.student, False)
+        return self.history

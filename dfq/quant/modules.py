@@ -1,0 +1,149 @@
+"""Fake-quantized layers: weights quantized at every forward, activations after every ReLU.
+
+State that must survive a resume (activation ranges and their update counts) lives in buffers, so a
+student's ``state_dict`` is its complete quantization state.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfq.quant.quantizer import fake_quantize, per_channel_range, per_tensor_range
+
+FLOAT_BITS = 32  # "bits = 32" means: leave this tensor in floating point
+
+EmaMode = Literal["debiased", "plain", "gdfq-compounding"]
+
+
+class QuantLayer:
+    """Mixin for Conv2d/Linear whose weight is fake-quantized from its own current min/max."""
+
+    w_bits: int
+    per_channel: bool
+    weight: torch.Tensor
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.w_bits >= FLOAT_BITS:
+            return self.weight
+        lo, hi = per_channel_range(self.weight) if self.per_channel else per_tensor_range(self.weight)
+        return fake_quantize(self.weight, self.w_bits, lo, hi)
+
+    def extra_repr(self) -> str:  # shown by print(model)
+        return f"{super().extra_repr()}, w_bits={self.w_bits}, per_channel={self.per_channel}"
+
+
+class QuantConv2d(QuantLayer, nn.Conv2d):
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, bits: int, per_channel: bool = True) -> QuantConv2d:
+        q = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+            conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+        )
+        q.load_state_dict(conv.state_dict())
+        q.w_bits, q.per_channel = bits, per_channel
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.quantized_weight(), self.bias)
+
+
+class QuantLinear(QuantLayer, nn.Linear):
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int, per_channel: bool = True) -> QuantLinear:
+        q = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        q.load_state_dict(linear.state_dict())
+        q.w_bits, q.per_channel = bits, per_channel
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+class ActQuant(nn.Module):
+    """Per-tensor activation quantizer with an EMA (beta) of batch min/max while calibrating.
+
+    ``ema`` selects how the running range is formed (methods.md section 0):
+    - ``debiased`` (default): Adam-style bias correction done right: the raw EMA ``m_t`` starts at 0
+      and the range used is ``m_t / (1 - beta^t)``.
+    - ``plain``: FDDA's EMA, initialised with the first batch's value, no correction.
+    - ``gdfq-compounding``: the GDFQ/ZeroQ reference, which stores the *corrected* value and corrects it
+      again at every update, inflating ranges early on. Parity switch only.
+    """
+
+    def __init__(self, bits: int, beta: float = 0.9, ema: EmaMode = "debiased") -> None:
+        super().__init__()
+        self.bits, self.beta, self.ema = bits, beta, ema
+        self.calibrating = False
+        self.register_buffer("raw_min", torch.zeros(()))
+        self.register_buffer("raw_max", torch.zeros(()))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, beta={self.beta}, ema={self.ema}"
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = torch.aminmax(x.detach())
+        b = self.beta
+        if self.ema == "plain" and self.updates == 0:
+            self.raw_min.copy_(lo)
+            self.raw_max.copy_(hi)
+        else:
+            self.raw_min.mul_(b).add_((1 - b) * lo)
+            self.raw_max.mul_(b).add_((1 - b) * hi)
+        self.updates += 1
+        if self.ema == "gdfq-compounding":
+            correction = 1 - b ** self.updates.item()
+            self.raw_min.div_(correction)
+            self.raw_max.div_(correction)
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.ema == "debiased":
+            correction = 1 - self.beta ** self.updates.item()
+            return self.raw_min / correction, self.raw_max / correction
+        return self.raw_min, self.raw_max
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self.observe(x)
+        if self.bits >= FLOAT_BITS:
+            return x
+        if self.updates.item() == 0:
+            raise RuntimeError(
+                "activation quantizer has no range yet: run calibration (set_calibration(model, True) "
+                "and forward some inputs) before using the quantized model"
+            )
+        lo, hi = self.range()
+        return fake_quantize(x, self.bits, lo, hi)
+
+
+def set_calibration(model: nn.Module, on: bool) -> None:
+    """Switch range updates of every activation quantizer on or off (GDFQ's unfreeze/freeze)."""
+    for m in model.modules():
+        if isinstance(m, ActQuant):
+            m.calibrating = on
+
+
+def activation_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
+    return {
+        n: tuple(float(v) for v in m.range()) for n, m in model.named_modules() if isinstance(m, ActQuant)
+    }

@@ -1,0 +1,70 @@
+"""The uniform asymmetric quantizer of the GDFQ family (ZeroQ's ``AsymmetricQuantFunction``).
+
+For k bits and a range [lo, hi]:
+    scale = (2^k - 1) / (hi - lo)
+    zp    = round(scale * lo) + 2^(k-1)
+    q     = clamp(round(scale * x - zp), -2^(k-1), 2^(k-1) - 1)
+    x_hat = (q + zp) / scale
+Published GDFQ/DSG/FDDA numbers are only comparable under exactly this arithmetic, so it is kept
+verbatim (including the signed integer grid and the 1e-8 floor on the range), and the backward pass is
+the identity straight-through estimator (no masking of clipped values).
+"""
+
+from __future__ import annotations
+
+import torch
+
+RANGE_EPS = 1e-8
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    """The signed integer grid [-2^(k-1), 2^(k-1) - 1] the reference quantizes onto."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def asymmetric_params(bits: int, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) for a range; ``lo``/``hi`` may be per-channel vectors."""
+    scale = (2**bits - 1) / torch.clamp(hi - lo, min=RANGE_EPS)
+    zero_point = torch.round(scale * lo) + 2 ** (bits - 1)
+    return scale, zero_point
+
+
+def _broadcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # per-channel parameters index dim 0 (output channels) of a weight tensor
+    return v.reshape(-1, *([1] * (like.dim() - 1))) if v.dim() == 1 and v.numel() > 1 else v
+
+
+def quantize_to_int(x: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Integer codes q (as floats) on the signed k-bit grid."""
+    scale, zp = asymmetric_params(bits, lo, hi)
+    scale, zp = _broadcast(scale, x), _broadcast(zp, x)
+    qmin, qmax = int_range(bits)
+    return torch.clamp(torch.round(scale * x - zp), qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    scale, zp = asymmetric_params(bits, lo, hi)
+    return (q + _broadcast(zp, q)) / _broadcast(scale, q)
+
+
+def fake_quantize(x: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Quantize-dequantize with an identity gradient w.r.t. ``x`` (straight-through estimator).
+
+    The range is treated as a constant (the reference reads it from ``.data``), so no gradient flows
+    into ``lo``/``hi``.
+    """
+    with torch.no_grad():
+        lo, hi = lo.detach(), hi.detach()
+        xq = dequantize(quantize_to_int(x, bits, lo, hi), bits, lo, hi)
+    return x + (xq - x).detach()
+
+
+def per_channel_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of every output channel (dim 0) of a weight tensor."""
+    flat = w.detach().reshape(w.shape[0], -1)
+    return flat.amin(dim=1), flat.amax(dim=1)
+
+
+def per_tensor_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w = w.detach()
+    return w.amin(), w.amax()

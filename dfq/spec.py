@@ -1,0 +1,435 @@
+"""The job specification: one pydantic model shared by the CLI, the API and the worker.
+
+A run is fully determined by ``teacher + JobSpec``; the canonical JSON (``spec.canonical()``) is
+stored with every run so it can be repeated exactly. Users write a shorthand::
+
+    {"method": "gdfq", "bits": "W4A4", "budget": "cpu", "seed": 0, "eval": "fashion-mnist"}
+
+where ``method`` and ``budget`` name presets and any field can be overridden, e.g.
+``{"budget": {"preset": "cpu", "epochs": 30}, "quant": {"first_layer_bits": 8}}``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_BITS_RE = re.compile(r"^W(\d+)A(\d+)(?:[-_ ]?F(\d+)L(\d+))?$", re.IGNORECASE)
+FLOAT_BITS = 32
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _check_bits(v: int | None) -> int | None:
+    if v is not None and not (2 <= v <= 16 or v == FLOAT_BITS):
+        raise ValueError(f"bit-width must be between 2 and 16 (or 32 for floating point), got {v}")
+    return v
+
+
+class QuantSpec(_Strict):
+    """How the student is quantized (methods.md section 0)."""
+
+    w_bits: int = Field(4, description="weight bits for every Conv2d/Linear (2-16, 32 = float)")
+    a_bits: int = Field(4, description="activation bits after every ReLU/ReLU6 (2-16, 32 = float)")
+    first_layer_bits: int | None = Field(None, description="override for the first layer (8 for F8L8)")
+    last_layer_bits: int | None = Field(None, description="override for the last layer (8 for F8L8)")
+    per_channel: bool = Field(True, description="per-output-channel weight ranges (reference) or per-tensor")
+    calibration_epochs: int = Field(4, ge=0, description="epochs during which activation ranges are updated")
+    ema_beta: float = Field(0.9, gt=0.0, lt=1.0)
+    act_range: Literal["debiased", "plain", "gdfq-compounding"] = Field(
+        "debiased",
+        description="activation-range EMA: debiased (correct bias-corrected EMA, default), plain (FDDA), "
+        "gdfq-compounding (the reference's re-applied correction; parity only)",
+    )
+
+    _bits = field_validator("w_bits", "a_bits", "first_layer_bits", "last_layer_bits")(
+        classmethod(lambda cls, v: _check_bits(v))
+    )
+
+    @property
+    def label(self) -> str:
+        s = f"W{self.w_bits}A{self.a_bits}"
+        if self.first_layer_bits is not None or self.last_layer_bits is not None:
+            s += f"-F{self.first_layer_bits or self.w_bits}L{self.last_layer_bits or self.w_bits}"
+        return s
+
+    @property
+    def layers_label(self) -> str:
+        """F4L4 / F8L8: how the first and last layers were treated (printed with every result)."""
+        return f"F{self.first_layer_bits or self.w_bits}L{self.last_layer_bits or self.w_bits}"
+
+
+def parse_bits(text: str) -> dict[str, int]:
+    m = _BITS_RE.match(text.strip())
+    if not m:
+        raise ValueError(f"bits must look like 'W4A4' or 'W4A4-F8L8', got {text!r}")
+    out = {"w_bits": int(m[1]), "a_bits": int(m[2])}
+    if m[3]:
+        out |= {"first_layer_bits": int(m[3]), "last_layer_bits": int(m[4])}
+    return out
+
+
+def _apply_preset(data: Any, presets: dict[str, dict], kind: str) -> Any:
+    if isinstance(data, str):
+        data = {"preset": data}
+    if isinstance(data, dict) and data.get("preset") is not None:
+        name = data["preset"]
+        if name not in presets:
+            raise ValueError(f"unknown {kind} preset {name!r}; known: {', '.join(presets)}")
+        data = {**presets[name], **data}
+    return data
+
+
+# ---------------------------------------------------------------------------------------------- method
+
+
+class DSGSpec(_Strict):
+    """DSG components (methods.md section 2); each can be switched off on its own."""
+
+    sda: bool = Field(
+        True, description="slack distribution alignment replaces the exact BN loss (weight: bns_weight)"
+    )
+    sda_margin: Literal["warmup-percentile", "fixed"] = Field(
+        "warmup-percentile",
+        description="dfq's margin rule (reference margins are unpublished); see docs/methods.md",
+    )
+    sda_percentile: float = Field(
+        50.0, ge=0, le=100, description="percentile of warm-up gaps used as the margin"
+    )
+    sda_window: int = Field(20, ge=1, description="last N warm-up iterations whose gaps set the margins")
+    sda_fixed_mean: float = Field(0.0, ge=0, description="margin delta for every layer when sda_margin=fixed")
+    sda_fixed_std: float = Field(0.0, ge=0, description="margin gamma for every layer when sda_margin=fixed")
+    sda_stat: Literal["std", "var"] = Field(
+        "std", description="align std (paper) or var (QAT reference code)"
+    )
+    sda_extra_abs: bool = Field(False, description="parity: the QAT reference's max(|gap - margin|, 0) bug")
+    lse: bool = Field(True, description="layerwise sample enhancement on per-sample statistics")
+    lse_factor: float = Field(2.0, ge=1.0, description="weight of sample i's term at layer i mod L")
+    sci: bool = Field(True, description="sample correlation inhibition")
+    sci_weight: float = Field(1.0, ge=0, description="L_G gets sci_weight * L_SCI / L")
+    sci_magnitude_scale: float = Field(1e-4, ge=0)
+
+
+class FDDASpec(_Strict):
+    """FDDA components (methods.md section 3)."""
+
+    centers: Literal["zero-shot", "few-shot"] = Field(
+        "zero-shot",
+        description="few-shot: class centers from real labelled calibration images (the paper); "
+        "zero-shot: from the generator's own images at the end of warm-up (no real data)",
+    )
+    calib_set: str | None = Field(None, description="few-shot: labelled set to draw calibration images from")
+    calib_per_class: int = Field(1, ge=1, le=100)
+    zero_shot_samples: int = Field(64, ge=2, description="generated images per class for zero-shot centers")
+    cbns_weight: float = Field(0.01, ge=0)
+    dbns_weight: float = Field(0.9, ge=0)
+    single_ce_weight: float = Field(0.5, ge=0, description="CE of the single-class FDDA batch")
+    dbns_mean_std: float = Field(0.5, ge=0)
+    dbns_var_std: float = Field(1.0, ge=0)
+    correct_classes_only: bool = Field(
+        True, description="draw FDDA classes among those whose center the teacher classifies correctly"
+    )
+    student_real: bool = Field(
+        True, description="few-shot: the student also trains on the calibration images"
+    )
+
+
+class ACQSpec(_Strict):
+    """ACQ components (methods.md section 4; no public code, choices in docs/methods.md)."""
+
+    stage: str | None = Field(
+        None,
+        description="teacher module whose output gives the attention map (default: deepest stage >= 4x4)",
+    )
+    acm_weight: float = Field(1.0, ge=0, description="attention-center matching")
+    pair_weight: float = Field(0.1, ge=0, description="adversarial pair (mode-seeking) loss")
+    consistency_weight: float = Field(1.0, ge=0, description="eval/train attention consistency")
+
+
+class LRQSpec(_Strict):
+    """LRQ components (methods.md section 5; no usable public code, choices in docs/methods.md)."""
+
+    lka: bool = Field(True, description="large-kernel-attention long-range generator")
+    ama: bool = Field(True, description="adversarial margin add in the generator's CE")
+    ama_margin: float = Field(0.3, ge=-1.5, le=1.5, description="m in s*cos(theta_y + m)")
+    ama_scale: float = Field(16.0, gt=0, description="s in s*cos(theta_y + m)")
+    dkd: bool = Field(True, description="decoupled KD for the student instead of plain KD")
+    dkd_alpha: float = Field(1.0, ge=0)
+    dkd_beta: float = Field(8.0, ge=0)
+    dkd_temperature: float = Field(4.0, gt=0)
+    dkd_warmup_epochs: int | None = Field(
+        None,
+        ge=0,
+        description="DKD weight ramps as min((epoch+1) / warmup, 1); None: 5% of the budget's epochs (20 of 400)",
+    )
+
+
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "gdfq": {},
+    "dsg": {"dsg": {}},
+    "fdda": {
+        "fdda": {},
+        "g_ce_weight": 0.5,
+        "bns_weight": 0.2,
+        "kd_reduction": "batchmean",
+        "kd_alpha": 20.0,
+    },
+    "fdda-fewshot": {
+        "fdda": {"centers": "few-shot", "calib_set": "fashion-mnist-train"},
+        "g_ce_weight": 0.5,
+        "bns_weight": 0.2,
+        "kd_reduction": "batchmean",
+        "kd_alpha": 20.0,
+    },
+    "acq": {"acq": {}},
+    "lrq": {"lrq": {}},
+}
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _method_preset(data: Any) -> Any:
+    """Presets combine with '+': ``"dsg+lrq"`` switches on both methods' full sets."""
+    if isinstance(data, str):
+        data = {"preset": data}
+    if not isinstance(data, dict) or data.get("preset") is None:
+        return data
+    merged: dict[str, Any] = {}
+    for name in str(data["preset"]).split("+"):
+        if name not in METHOD_PRESETS:
+            raise ValueError(
+                f"unknown method preset {name!r}; known: {', '.join(METHOD_PRESETS)} (combine with '+')"
+            )
+        merged = _merge(merged, METHOD_PRESETS[name])
+    return _merge(merged, data)
+
+
+class MethodSpec(_Strict):
+    """The generator and every loss term with its weight; GDFQ baseline plus optional method blocks."""
+
+    preset: str | None = "gdfq"
+    generator: Literal["gdfq", "cbn"] = Field(
+        "gdfq",
+        description="gdfq: label embedding x noise (CIFAR variant); cbn: conditional BN (ImageNet variant)",
+    )
+    latent_dim: int = Field(100, ge=1, le=4096)
+    g_ce_weight: float = Field(1.0, ge=0, description="weight of CE(T(G(z,y)), y) in L_G")
+    bns_weight: float = Field(0.1, ge=0, description="weight of L_BNS (or DSG's L_SDA) in L_G")
+    kd_alpha: float = Field(1.0, ge=0, description="weight of the KD term in L_S")
+    kd_temperature: float = Field(20.0, gt=0)
+    kd_reduction: Literal["mean", "batchmean"] = Field(
+        "mean", description="KLDiv reduction: mean over N*C (GDFQ) or batchmean (IntraQ/HAST/FDDA)"
+    )
+    s_ce_weight: float = Field(1.0, ge=0, description="weight of CE(S(x), y) in L_S")
+    dsg: DSGSpec | None = None
+    fdda: FDDASpec | None = None
+    acq: ACQSpec | None = None
+    lrq: LRQSpec | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        return _method_preset(data)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MethodSpec:
+        if self.fdda and self.fdda.centers == "few-shot" and not self.fdda.calib_set:
+            raise ValueError("FDDA few-shot needs a labelled calibration set: set method.fdda.calib_set")
+        return self
+
+    @property
+    def components(self) -> list[str]:
+        """Human-readable list of what is switched on, printed with every result."""
+        out = ["gdfq"]
+        if self.dsg:
+            out += [
+                n
+                for n, on in (("dsg.sda", self.dsg.sda), ("dsg.lse", self.dsg.lse), ("dsg.sci", self.dsg.sci))
+                if on
+            ]
+        if self.fdda:
+            out.append(f"fdda.{self.fdda.centers}")
+        if self.acq:
+            out += [
+                n
+                for n, w in (
+                    ("acq.acm", self.acq.acm_weight),
+                    ("acq.pair", self.acq.pair_weight),
+                    ("acq.consistency", self.acq.consistency_weight),
+                )
+                if w > 0
+            ]
+        if self.lrq:
+            out += [
+                n
+                for n, on in (("lrq.lka", self.lrq.lka), ("lrq.ama", self.lrq.ama), ("lrq.dkd", self.lrq.dkd))
+                if on
+            ]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- budget
+
+BUDGET_PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on a CPU; exercises every phase (warm-up, calibration, fine-tuning, sampling, checkpoints).
+    "smoke": {
+        "epochs": 2,
+        "iters_per_epoch": 3,
+        "batch_size": 16,
+        "warmup_epochs": 1,
+        "lr_milestones": [],
+        "eval_every": 0,
+        "eval_limit": 500,
+        "sample_every": 3,
+        "checkpoint_every": 2,
+    },
+    # About 400 iterations at batch 128: ~10 minutes for ResNet-20 on a 2-core machine. Four warm-up
+    # epochs (80 generator-only iterations) also calibrate activation ranges before the student moves.
+    # lr_s 1e-3, not the paper's 1e-4: with 320 student steps instead of 80k, 1e-4 barely moves the
+    # student (ResNet-20 W4A4, seed 0: 84.54 at 1e-4, 86.26 at 1e-3, collapse to 10% at 1e-2).
+    "cpu": {
+        "epochs": 20,
+        "iters_per_epoch": 20,
+        "batch_size": 128,
+        "warmup_epochs": 4,
+        "lr_s": 1e-3,
+        "lr_milestones": [10, 15],
+        "eval_every": 5,
+        "eval_limit": 2000,
+        "sample_every": 40,
+        "checkpoint_every": 20,
+    },
+    # The published CIFAR recipe (GDFQ): 400 epochs x 200 iterations, batch 200.
+    "paper": {
+        "epochs": 400,
+        "iters_per_epoch": 200,
+        "batch_size": 200,
+        "warmup_epochs": 4,
+        "lr_s": 1e-4,
+        "lr_milestones": [100, 200, 300],
+        "eval_every": 10,
+        "eval_limit": None,
+        "sample_every": 2000,
+        "checkpoint_every": 1000,
+    },
+}
+
+
+class BudgetSpec(_Strict):
+    """How long and with what optimizers the run trains."""
+
+    preset: str | None = None
+    epochs: int = Field(20, ge=1, le=100_000)
+    iters_per_epoch: int = Field(20, ge=1, le=1_000_000)
+    batch_size: int = Field(128, ge=2, le=4096)
+    warmup_epochs: int = Field(4, ge=0, description="epochs before the student is stepped (G only)")
+    lr_s: float = Field(1e-4, gt=0, le=10)
+    lr_g: float = Field(1e-3, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(1e-4, ge=0)
+    g_betas: tuple[float, float] = (0.5, 0.999)
+    lr_milestones: list[int] = Field(
+        default_factory=list, description="epochs at which both lrs are multiplied by lr_gamma"
+    )
+    lr_gamma: float = Field(0.1, gt=0, le=1)
+    eval_every: int = Field(
+        0, ge=0, description="evaluate on the labelled set every N epochs (0: only at the end)"
+    )
+    eval_limit: int | None = Field(
+        None, ge=1, description="images used for per-epoch evaluation (final uses all)"
+    )
+    sample_every: int = Field(40, ge=1, description="emit a sample-image grid every N iterations")
+    checkpoint_every: int = Field(20, ge=1, description="save resumable state every N iterations")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        return _apply_preset(data, BUDGET_PRESETS, "budget")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BudgetSpec:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
+        return self
+
+    @property
+    def total_iters(self) -> int:
+        return self.epochs * self.iters_per_epoch
+
+
+# ---------------------------------------------------------------------------------------------- job
+
+
+class ExportSpec(_Strict):
+    """What is exported after training (artifacts only; never changes the quantized model)."""
+
+    latency: bool | None = Field(
+        None, description="measure FP32 vs QDQ onnxruntime latency (None: yes, except on the smoke budget)"
+    )
+
+
+class JobSpec(_Strict):
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    budget: BudgetSpec = Field(default_factory=lambda: BudgetSpec(preset="cpu"))
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    eval: str | None = Field(
+        None, description="labelled set for accuracy: 'fashion-mnist', a .npz or an ImageFolder"
+    )
+    eval_limit: int | None = Field(
+        None, ge=1, description="evaluate on the first N labelled images (None: all)"
+    )
+    export: ExportSpec = Field(default_factory=ExportSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        bits = data.pop("bits", None)
+        if bits is not None:
+            if not isinstance(bits, str):
+                raise ValueError("bits must be a string such as 'W4A4'")
+            quant = data.get("quant") or {}
+            if isinstance(quant, BaseModel):
+                quant = quant.model_dump()
+            data["quant"] = {**parse_bits(bits), **quant}
+        return data
+
+    @model_validator(mode="after")
+    def _method_fits_budget(self) -> JobSpec:
+        m, b = self.method, self.budget
+        if m.dsg and m.dsg.sda and m.dsg.sda_margin == "warmup-percentile" and b.warmup_epochs == 0:
+            raise ValueError(
+                "DSG's warmup-percentile slack margins need budget.warmup_epochs >= 1 (or dsg.sda_margin=fixed)"
+            )
+        if m.fdda and m.fdda.centers == "zero-shot" and b.warmup_epochs == 0:
+            raise ValueError(
+                "zero-shot FDDA computes class centers at the end of warm-up: budget.warmup_epochs must be >= 1"
+            )
+        if m.acq and m.acq.pair_weight > 0 and b.batch_size < 4:
+            raise ValueError("ACQ's pair loss needs budget.batch_size >= 4")
+        return self
+
+    def canonical(self) -> dict[str, Any]:
+        """The complete JSON form: every field explicit, so re-validating it gives the same spec."""
+        return self.model_dump(mode="json")
+
+    def summary(self) -> str:
+        return f"{self.method.preset or 'custom'} {self.quant.label} ({self.quant.layers_label}) budget={self.budget.preset or 'custom'} seed={self.seed}"
+
+
+def parse_spec(data: dict[str, Any] | JobSpec) -> JobSpec:
+    return data if isinstance(data, JobSpec) else JobSpec.model_validate(data)

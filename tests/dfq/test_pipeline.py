@@ -1,0 +1,84 @@
+import pytest
+import torch
+from torch import nn
+
+from dfq.pipeline import Cancelled, Pipeline
+from dfq.quant import ActQuant, set_calibration
+
+
+def _pipe(spec, teacher):
+    return Pipeline(spec, teacher, 10, (1, 28, 28), "cpu")
+
+
+def _state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_cancel_is_bitwise_identical(tiny_teacher, tiny_spec, tmp_path):
+    straight = _pipe(tiny_spec, tiny_teacher)
+    straight.run()
+
+    ckpt = tmp_path / "state.pt"
+    first = _pipe(tiny_spec, tiny_teacher)
+    with pytest.raises(Cancelled):
+        first.run(should_cancel=lambda: first.step == 5, checkpoint_path=ckpt)
+    assert ckpt.exists()
+    # a fresh process would rebuild everything from scratch; so does a fresh Pipeline
+    torch.manual_seed(123)  # disturb the global RNG: resume must restore it
+    resumed = _pipe(tiny_spec, tiny_teacher)
+    resumed.load(ckpt)
+    assert resumed.step == 5
+    resumed.run(checkpoint_path=ckpt)
+    assert _state_equal(straight.student.state_dict(), resumed.student.state_dict())
+    assert _state_equal(straight.generator.state_dict(), resumed.generator.state_dict())
+
+
+def test_resume_refuses_a_different_spec(tiny_teacher, tiny_spec, tmp_path):
+    p = _pipe(tiny_spec, tiny_teacher)
+    p.save(tmp_path / "s.pt")
+    other = tiny_spec.model_copy(update={"seed": 1})
+    with pytest.raises(ValueError, match="different JobSpec"):
+        _pipe(other, tiny_teacher).load(tmp_path / "s.pt")
+
+
+def test_events_phases_and_counts(tiny_teacher, tiny_spec):
+    events = []
+    _pipe(tiny_spec, tiny_teacher).run(on_event=events.append)
+    steps = [e for e in events if e.kind == "step"]
+    assert [e.step for e in steps] == list(range(1, 10))
+    assert [e.phase for e in events if e.kind == "phase"] == ["warmup", "calibrate+finetune", "finetune"]
+    samples = [e for e in events if e.kind == "samples"]
+    assert [e.step for e in samples] == [2, 4, 6, 8, 9]
+    assert samples[0].images.shape == (40, 1, 28, 28) and samples[0].labels.tolist()[:5] == [0, 0, 0, 0, 1]
+    assert {"g_loss", "g_bns", "g_ce", "s_loss", "s_kd", "s_ce", "lr_s", "lr_g"} <= set(steps[-1].metrics)
+
+
+def test_student_frozen_in_warmup_and_ranges_frozen_after_calibration(tiny_teacher, tiny_spec):
+    p = _pipe(tiny_spec, tiny_teacher)
+    w0 = p.student.fc.weight.detach().clone()
+    g0 = p.generator.l1.weight.detach().clone()
+    set_calibration(p.student, True)
+    for _ in range(3):  # warm-up epoch: only G moves
+        p.train_step()
+        p.step += 1
+    assert torch.equal(p.student.fc.weight, w0)
+    assert not torch.equal(p.generator.l1.weight, g0)
+    p.run()
+    assert not torch.equal(p.student.fc.weight, w0)
+    # calibration_epochs=2 x 3 iterations: every activation quantizer saw exactly 6 batches
+    counts = {m.updates.item() for m in p.student.modules() if isinstance(m, ActQuant)}
+    assert counts == {6}
+
+
+def test_teacher_is_left_untouched(tiny_teacher, tiny_spec):
+    before = {k: v.clone() for k, v in tiny_teacher.state_dict().items()}
+    _pipe(tiny_spec, tiny_teacher).run()
+    assert _state_equal(before, tiny_teacher.state_dict())
+
+
+def test_teacher_without_batchnorm_is_refused(tiny_spec):
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10)
+    )
+    with pytest.raises(ValueError, match="no BatchNorm"):
+        _pipe(tiny_spec, net)

@@ -1,0 +1,59 @@
+import pytest
+from pydantic import ValidationError
+
+from dfq.spec import JobSpec, parse_bits
+
+
+def test_shorthand_from_the_issue():
+    spec = JobSpec.model_validate(
+        {"method": "gdfq", "bits": "W4A4", "budget": "cpu", "seed": 0, "eval": "fashion-mnist"}
+    )
+    assert (spec.quant.w_bits, spec.quant.a_bits) == (4, 4)
+    assert spec.budget.preset == "cpu" and spec.budget.batch_size == 128
+    assert spec.budget.total_iters == 400
+    assert spec.method.kd_reduction == "mean" and spec.method.bns_weight == 0.1
+    assert spec.quant.act_range == "debiased"  # the correct EMA is the default
+
+
+def test_canonical_round_trip_is_exact():
+    spec = JobSpec.model_validate(
+        {"bits": "W3A3-F8L8", "budget": {"preset": "smoke", "epochs": 5}, "seed": 3}
+    )
+    again = JobSpec.model_validate(spec.canonical())
+    assert again == spec
+    assert spec.budget.epochs == 5 and spec.budget.batch_size == 16  # override on top of the preset
+    assert spec.quant.layers_label == "F8L8" and spec.quant.label == "W3A3-F8L8"
+
+
+def test_bits_shorthand_parse():
+    assert parse_bits("w8a8") == {"w_bits": 8, "a_bits": 8}
+    assert parse_bits("W4A4F8L8")["first_layer_bits"] == 8
+    with pytest.raises(ValueError):
+        parse_bits("4bit")
+
+
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        ({"bits": "W0A4"}, "quant.w_bits"),
+        ({"bits": "W33A4"}, "quant.w_bits"),
+        ({"quant": {"a_bits": 1}}, "quant.a_bits"),
+        ({"budget": {"epochs": -1}}, "budget.epochs"),
+        ({"budget": {"batch_size": 10**6}}, "budget.batch_size"),
+        ({"budget": "weekend"}, "budget"),
+        ({"method": {"kd_reduction": "sum"}}, "method.kd_reduction"),
+        ({"method": {"frobnicate": 1}}, "method.frobnicate"),
+        ({"device": "tpu"}, "device"),
+        ({"budget": {"epochs": 4, "warmup_epochs": 4}}, "budget"),
+    ],
+)
+def test_impossible_values_fail_with_the_field_named(bad, field):
+    with pytest.raises(ValidationError) as info:
+        JobSpec.model_validate(bad)
+    locs = [".".join(str(p) for p in e["loc"]) for e in info.value.errors()]
+    assert any(loc.startswith(field) for loc in locs), locs
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(ValidationError, match="unknown method preset 'dgs'"):
+        JobSpec.model_validate({"method": "dsg+dgs"})
