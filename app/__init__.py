@@ -1,0 +1,1 @@
+"""The service layer: FastAPI REST API, browser pages, auth and storage (imports worker/ and dfq/)."""

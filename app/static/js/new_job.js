@@ -1,0 +1,50 @@
+// New-job form: open the components of the ticked method blocks, show the chosen budget preset's
+// values as placeholders, and enable teachers in the picker once their intake finished.
+"use strict";
+(function () {
+  const form = document.getElementById("new-job");
+  function syncBlocks() {
+    const on = new Set([...form.querySelectorAll('input[name="method.blocks"]:checked')].map((i) => i.value));
+    for (const d of form.querySelectorAll("details.block-section")) {
+      const active = on.has(d.dataset.block);
+      d.toggleAttribute("data-off", !active);
+      if (active && !d.dataset.seen) { d.open = true; d.dataset.seen = "1"; }
+      if (!active) { d.open = false; d.dataset.seen = ""; }
+    }
+  }
+  for (const box of form.querySelectorAll('input[name="method.blocks"]')) box.addEventListener("change", syncBlocks);
+  for (const d of form.querySelectorAll("details.block-section[open]")) d.dataset.seen = "1";
+
+  const presets = JSON.parse(form.dataset.budgetPresets);
+  const budget = document.getElementById("budget-preset");
+  function syncBudget() {
+    const values = presets[budget.value] || {};
+    for (const [k, v] of Object.entries(values)) {
+      const input = form.querySelector('[name="budget.' + k + '"]');
+      if (!input) continue;
+      const shown = v === null ? "" : Array.isArray(v) ? (v.length ? v.join(", ") : "none") : String(v);
+      if (input.tagName === "SELECT") { if (input.options[0] && input.options[0].value === "") input.options[0].textContent = "preset (" + shown + ")"; }
+      else input.placeholder = shown;
+    }
+  }
+  budget.addEventListener("change", syncBudget);
+  syncBudget();
+
+  const pending = [...form.querySelectorAll('#checkpoint option[data-state="pending"]')];
+  if (pending.length) {
+    const timer = setInterval(async () => {
+      for (const opt of pending.filter((o) => o.disabled)) {
+        try {
+          const c = await dfq.getJSON("/api/v1/checkpoints/" + encodeURIComponent(opt.value));
+          if (c.state !== "pending") {
+            opt.dataset.state = c.state;
+            opt.textContent = c.name + " (" + c.arch + ")" + (c.state === "ready" ? "" : " — " + c.state);
+            opt.disabled = c.state !== "ready";
+            if (c.state === "ready" && !document.getElementById("checkpoint").value) opt.selected = true;
+          }
+        } catch (e) { /* next tick */ }
+      }
+      if (pending.every((o) => o.dataset.state !== "pending")) clearInterval(timer);
+    }, 1000);
+  }
+})();

@@ -1,0 +1,1 @@
+"""The worker layer: Celery tasks that turn a stored job into an engine run (imports dfq/, never app/)."""

@@ -1,0 +1,277 @@
+"""Turning engine events into database rows and published events, throttled.
+
+A job may run tens of thousands of iterations; writing every one as it happens would make the
+database the bottleneck. Step metrics are buffered and written together at most every
+``progress_interval_s``; phases, evaluations, sample grids and checkpoints are written at once.
+Every write is conditioned on this attempt's run token: if the job was taken over (this attempt
+was presumed dead), the write matches nothing and the attempt stops with :class:`LostOwnership`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, select, update
+
+from worker.db import session_scope
+from worker.events import Publisher
+from worker.models import Artifact, Job, JobLog, MetricPoint, utcnow
+
+
+class LostOwnership(Exception):
+    """Another attempt owns the job now; this one must stop without writing a final state."""
+
+
+def artifact_kind(name: str) -> str:
+    """What a file in a job directory is, for listings and the dashboard."""
+    if name.startswith("samples"):
+        return "samples"
+    if name.startswith("attention"):
+        return "attention"
+    return {
+        "quantized.safetensors": "quantized",
+        "generator.safetensors": "generator",
+        "report.json": "report",
+        "report.md": "report",
+        "metrics.jsonl": "metrics",
+        "model.qdq.onnx": "onnx",
+        "quantized.packed.safetensors": "packed",
+        "model.pt2": "torch-export",
+    }.get(name, "other")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN/inf floats replaced by None: JSON (and PostgreSQL's json type) has no
+    such numbers, and a diverging loss must not make the job's progress unwritable."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def eta_seconds(step: int, total: int, rate: float | None) -> float | None:
+    """Seconds left at the current attempt's pace (None before a pace is known)."""
+    if not rate or rate <= 0 or total <= 0:
+        return None
+    return round(max(total - step, 0) / rate, 1)
+
+
+class JobReporter:
+    """The engine's ``on_event`` and ``should_cancel`` for one attempt of one job."""
+
+    def __init__(
+        self,
+        db_url: str,
+        job_id: str,
+        run_token: str,
+        owner_id: int,
+        publisher: Publisher,
+        out_dir: Path,
+        progress_interval_s: float = 1.0,
+        publish_interval_s: float = 0.2,
+        cancel_poll_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.db_url, self.job_id, self.run_token, self.owner_id = db_url, job_id, run_token, owner_id
+        self.publisher, self.out_dir = publisher, out_dir
+        self.progress_interval_s, self.publish_interval_s = progress_interval_s, publish_interval_s
+        self.cancel_poll_s, self.clock = cancel_poll_s, clock
+        self.points: list[MetricPoint] = []
+        self.logs: list[JobLog] = []
+        self.artifacts: list[tuple[str, int]] = []
+        self.row: dict[str, Any] = {}
+        self.first_step: int | None = None
+        self.t_first = 0.0
+        self.last_flush = self.last_publish = self.last_cancel_check = -1e18
+        self.cancel_seen = False
+        self.writes = 0
+
+    # ------------------------------------------------------------------------------ engine hooks
+
+    def on_event(self, event: Any) -> None:
+        """Record one :class:`dfq.pipeline.Event`; flush and publish when due."""
+        now = self.clock()
+        if self.first_step is None:
+            self.first_step, self.t_first = event.step, now
+            self._trim_after(event.step)
+        self.row.update(phase=event.phase, step=event.step, total=event.total, epoch=event.epoch)
+        if event.step > self.first_step:
+            self.row["rate"] = round((event.step - self.first_step) / max(now - self.t_first, 1e-9), 4)
+        payload: dict[str, Any] = {"phase": event.phase, "step": event.step, "total": event.total}
+        if event.kind == "step":
+            metrics = json_safe({k: float(v) for k, v in event.metrics.items()})
+            self.row["metrics"] = metrics
+            self.points.append(
+                MetricPoint(
+                    job_id=self.job_id, kind="step", step=event.step, epoch=event.epoch, values=metrics
+                )
+            )
+            payload["metrics"] = metrics
+        elif event.kind == "eval":
+            values = json_safe({k: float(v) for k, v in event.metrics.items()})
+            self.points.append(
+                MetricPoint(
+                    job_id=self.job_id, kind="eval", step=event.step, epoch=event.epoch, values=values
+                )
+            )
+            payload["metrics"] = values
+            self.log(f"evaluation at step {event.step}: {values}")
+        elif event.kind == "phase":
+            self.log(f"phase {event.phase} from step {event.step}/{event.total}")
+        elif event.kind == "samples":
+            name = f"samples/step_{event.step:06d}.png"
+            path = self.out_dir / name
+            self.artifacts.append((name, path.stat().st_size if path.exists() else 0))
+            payload["artifact"] = name
+            # the engine's teacher-vs-student attention figure of the same samples, when it made one
+            for extra in (f"attention/step_{event.step:06d}.png", f"attention/step_{event.step:06d}.json"):
+                if (self.out_dir / extra).exists():
+                    self.artifacts.append((extra, (self.out_dir / extra).stat().st_size))
+                    payload.setdefault("attention", extra)
+        payload["eta_s"] = eta_seconds(event.step, event.total, self.row.get("rate"))
+        urgent = event.kind != "step"
+        if urgent or now - self.last_flush >= self.progress_interval_s:
+            self.flush(now)
+        if urgent or now - self.last_publish >= self.publish_interval_s:
+            self.last_publish = now
+            self.publisher.publish(self.job_id, event.kind, {"state": "running", **payload})
+
+    def should_cancel(self) -> bool:
+        """The job row's cancel flag, read at most every ``cancel_poll_s``."""
+        now = self.clock()
+        if not self.cancel_seen and now - self.last_cancel_check >= self.cancel_poll_s:
+            self.last_cancel_check = now
+            with session_scope(self.db_url) as s:
+                flag = s.execute(select(Job.cancel_requested).where(Job.id == self.job_id)).scalar_one()
+            self.cancel_seen = bool(flag)
+        return self.cancel_seen
+
+    # ------------------------------------------------------------------------------ writes
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.logs.append(JobLog(job_id=self.job_id, message=message, level=level))
+
+    def _trim_after(self, step: int) -> None:
+        """A resumed attempt re-runs the steps after its checkpoint: drop their old points."""
+        with session_scope(self.db_url) as s:
+            s.execute(delete(MetricPoint).where(MetricPoint.job_id == self.job_id, MetricPoint.step > step))
+        if step:
+            self.log(f"resuming from the saved state at step {step}")
+
+    def flush(self, now: float | None = None, **final: Any) -> None:
+        """Write the buffered progress in one transaction, if this attempt still owns the job."""
+        self.last_flush = self.clock() if now is None else now
+        values = {**self.row, **final, "heartbeat_at": utcnow(), "updated_at": utcnow()}
+        with session_scope(self.db_url) as s:
+            result = s.execute(
+                update(Job)
+                .where(Job.id == self.job_id, Job.run_token == self.run_token, Job.state == "running")
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:
+                raise LostOwnership(f"job {self.job_id} is no longer owned by this attempt")
+            s.add_all(self.points + self.logs)
+            for name, size in self.artifacts:
+                self._upsert_artifact(s, name, size)
+        self.points, self.logs, self.artifacts = [], [], []
+        self.writes += 1
+
+    def _upsert_artifact(self, s: Any, name: str, size: int) -> None:
+        existing = s.execute(
+            select(Artifact).where(Artifact.job_id == self.job_id, Artifact.name == name)
+        ).scalar_one_or_none()
+        if existing is None:
+            s.add(
+                Artifact(
+                    job_id=self.job_id,
+                    owner_id=self.owner_id,
+                    name=name,
+                    kind=artifact_kind(name),
+                    size_bytes=size,
+                )
+            )
+        else:
+            existing.size_bytes = size
+
+    def register_files(self, out_dir: Path, skip: set[str]) -> None:
+        """Queue every file of the job directory (but ``skip``) as an artifact."""
+        for path in sorted(out_dir.rglob("*")):
+            name = path.relative_to(out_dir).as_posix()
+            if path.is_file() and name not in skip and not name.endswith(".tmp"):
+                self.artifacts.append((name, path.stat().st_size))
+
+    def finish(self, state: str, **values: Any) -> None:
+        """Write the final state (done, failed or cancelled) and tell subscribers.
+
+        If the buffered progress cannot be written (a database error), it is dropped and the final
+        state is written alone: a job must never stay ``running`` because its last metrics were bad.
+        """
+        values = json_safe(values)
+        level = "error" if state == "failed" else "info"
+        self.log(f"job {state}" + (f": {values['error']}" if values.get("error") else ""), level)
+        try:
+            self.flush(state=state, finished_at=utcnow(), **values)
+        except LostOwnership:
+            raise
+        except Exception as exc:
+            self.points, self.artifacts, self.row = [], [], {}
+            self.logs = [
+                JobLog(job_id=self.job_id, level="error", message=f"could not record progress: {exc}")
+            ]
+            if state == "done":
+                state, values = (
+                    "failed",
+                    {"error": f"could not record the result: {exc}", "error_phase": "finish"},
+                )
+            self.flush(
+                state=state, finished_at=utcnow(), **{k: v for k, v in values.items() if k != "report"}
+            )
+        self.publisher.publish(
+            self.job_id,
+            "state",
+            {
+                "state": state,
+                "phase": self.row.get("phase"),
+                "step": self.row.get("step"),
+                "error": values.get("error"),
+            },
+        )
+
+
+class Heartbeat:
+    """A daemon thread that refreshes the job's heartbeat while a (possibly long) step runs."""
+
+    def __init__(self, db_url: str, job_id: str, run_token: str, interval_s: float) -> None:
+        self.db_url, self.job_id, self.run_token, self.interval_s = db_url, job_id, run_token, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                with session_scope(self.db_url) as s:
+                    s.execute(
+                        update(Job)
+                        .where(Job.id == self.job_id, Job.run_token == self.run_token, Job.state == "running")
+                        .values(heartbeat_at=utcnow())
+                        .execution_options(synchronize_session=False)
+                    )
+            except Exception:  # a transient DB error must not kill the run; the next beat retries
+                continue
