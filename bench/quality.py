@@ -10,6 +10,7 @@ Writes ``bench/results/quality-<budget>.json`` and ``.md`` and prints the table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import subprocess
@@ -33,9 +34,9 @@ def run_one(
     extra: dict,
     threads: int | None,
 ) -> dict:
-    tag = f"{teacher}-{method}-{bits}-{budget}-s{seed}" + (
-        "-" + "-".join(f"{k}{v}" for k, v in sorted(extra.items())) if extra else ""
-    )
+    # Overrides make the tag unique but unreadable; a short hash keeps directory names plain.
+    digest = hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]
+    tag = f"{teacher}-{method}-{bits}-{budget}-s{seed}" + (f"-x{digest}" if extra else "")
     out = runs_dir / tag
     spec = {"method": method, "bits": bits, "budget": budget, "seed": seed, "eval": "fashion-mnist", **extra}
     cmd = [
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     (results / f"{stem}.json").write_text(
         json.dumps({"budget": args.budget, "extra": extra, "rows": rows}, indent=2) + "\n"
     )
-    table = markdown(rows, args.budget)
+    table = markdown(rows, args.budget + (f" + overrides {json.dumps(extra)}" if extra else ""))
     (results / f"{stem}.md").write_text(table)
     print(table)
     return 0
