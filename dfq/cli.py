@@ -101,6 +101,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     bar.close()
+    for warning in report.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
     print(json.dumps(_headline(report), indent=2))
     return 0
 

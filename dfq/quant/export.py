@@ -4,7 +4,8 @@ Writes, next to the run's other artifacts:
 
 - ``model.qdq.onnx``: QuantizeLinear/DequantizeLinear ONNX (opset 13), checked with ``onnx.checker``
   and by onnxruntime against the PyTorch fake-quant model (:mod:`dfq.quant.parity`); a
-  disagreement beyond the tolerance raises :class:`ParityError`, so the job fails loudly;
+  disagreement beyond the tolerance raises :class:`ParityError` (``strict=True``), or, as jobs
+  run it, renames the file ``model.qdq.rejected.onnx`` and records why in ``export.onnx.rejected``;
 - ``quantized.packed.safetensors``: k-bit packed weights + scales/zero points + everything else,
   reloaded after writing to prove the bit-exact round trip (:mod:`dfq.quant.packed`);
 - ``model.pt2``: ``torch.export`` program of the frozen fake-quant model (bit-exact with it;
@@ -106,6 +107,7 @@ def export_all(
     latency: bool = True,
     threads: int | None = None,
     latency_budget_s: float = 3.0,
+    strict: bool = True,
 ) -> dict[str, Any]:
     """Write every deployable artifact of ``student`` to ``out_dir``; return the ``export`` section.
 
@@ -115,6 +117,8 @@ def export_all(
     ``report.json``). Raises :class:`dfq.quant.parity.ParityError` if onnxruntime disagrees with the
     fake-quant model beyond ``tolerance``. ``threads``: onnxruntime threads for the latency figures
     (default: torch's thread count); ``latency_budget_s``: timing budget per model and batch size.
+    ``strict=False`` (what jobs use): a parity failure is recorded instead of raised; the file is
+    kept as ``model.qdq.rejected.onnx`` and every other artifact is still written.
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -127,11 +131,16 @@ def export_all(
 
     deploy, info = build_deploy_module(model)
     proto = export_onnx(deploy, shape, out / ONNX_FILE)
+    onnx_file, rejected = ONNX_FILE, None
     try:
         parity = check_parity(model, out / ONNX_FILE, x, tolerance)
-    except ParityError:  # keep the file for inspection, but never under the deployable name
+    except ParityError as exc:  # keep the file for inspection, but never under the deployable name
         (out / ONNX_FILE).replace(out / REJECTED_ONNX_FILE)
-        raise
+        if strict:
+            raise
+        # A finished quantization is worth more than one of its file formats: record the
+        # rejection (the model card shows it) and still write the packed and torch.export files.
+        onnx_file, rejected, parity = REJECTED_ONNX_FILE, str(exc), exc.figures
 
     packed = save_packed(model, out / PACKED_FILE, meta)
     reloaded = load_packed_into(copy.deepcopy(model), out / PACKED_FILE)
@@ -143,12 +152,13 @@ def export_all(
     fp32_bytes = _float_bytes(build_deploy_module(model, quantized=False)[0])
     bits = {m.w_bits for m in model.modules() if isinstance(m, QuantLayer)}
     bits |= {m.bits for m in model.modules() if isinstance(m, ActQuant)}
-    kernels = kernel_counts(out / ONNX_FILE, threads)
+    kernels = kernel_counts(out / onnx_file, threads)
     section: dict[str, Any] = {
         "onnx": {
-            "file": ONNX_FILE,
+            "file": onnx_file,
+            "rejected": rejected,
             "opset": OPSET,
-            "bytes": (out / ONNX_FILE).stat().st_size,
+            "bytes": (out / onnx_file).stat().st_size,
             "ops": op_counts(proto),
             "weights": info.weight_layers,
             "activations": info.activations,
@@ -181,13 +191,13 @@ def export_all(
                     for b in LATENCY_BATCHES
                 ],
                 "qdq": [
-                    measure_latency(out / ONNX_FILE, shape, b, threads, budget_s=latency_budget_s)
+                    measure_latency(out / onnx_file, shape, b, threads, budget_s=latency_budget_s)
                     for b in LATENCY_BATCHES
                 ],
             }
     section["files"] = {
         name: {"bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
-        for name in (ONNX_FILE, PACKED_FILE, TORCH_EXPORT_FILE)
+        for name in (onnx_file, PACKED_FILE, TORCH_EXPORT_FILE)
     }
     section["export_s"] = round(time.perf_counter() - t_start, 2)
     if report is not None:

@@ -208,3 +208,29 @@ def test_export_all_fails_loudly_and_withholds_a_disagreeing_onnx(tmp_path, monk
     with pytest.raises(ParityError):
         export_all(student, spec, info, tmp_path, torch.randn(16, *info.input_shape), latency=False)
     assert not (tmp_path / ONNX_FILE).exists() and (tmp_path / REJECTED_ONNX_FILE).exists()
+
+
+def test_jobs_keep_every_other_artifact_when_the_onnx_file_is_rejected(tmp_path, monkeypatch):
+    """strict=False (as run_job calls it): the rejection is recorded, the rest is still written."""
+    model, info = _teacher("resnet20", 1, 28)
+    student, spec = _student(model, info, "W4A4")
+    import dfq.quant.export as export_mod
+
+    real = export_mod.export_onnx
+
+    def broken_export(deploy, shape, path=None):
+        proto = real(deploy, shape, path)
+        _tamper(path, path, "onnx_scale", lambda a: (a * 2).astype(a.dtype))
+        return proto
+
+    monkeypatch.setattr(export_mod, "export_onnx", broken_export)
+    report: dict = {}
+    section = export_all(
+        student, spec, info, tmp_path, torch.randn(16, *info.input_shape), report, latency=False, strict=False
+    )
+    assert "disagrees with the PyTorch fake-quant model" in section["onnx"]["rejected"]
+    assert section["onnx"]["file"] == REJECTED_ONNX_FILE and section["parity"]["passed"] is False
+    assert not (tmp_path / ONNX_FILE).exists() and (tmp_path / REJECTED_ONNX_FILE).exists()
+    assert set(section["files"]) == {REJECTED_ONNX_FILE, "quantized.packed.safetensors", "model.pt2"}
+    assert section["packed"]["roundtrip_bit_exact"] is True
+    assert "FAILED" in (tmp_path / "report.md").read_text()
