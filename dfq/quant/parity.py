@@ -13,8 +13,10 @@ Two checks in onnxruntime on the CPU, on the same batch of inputs:
    network the figures drift without anything being wrong. Measured on unmodified exports (3 input
    batches x 8 bit-widths x the three teacher architectures, docs/export-benchmarks.md): worst
    mean cosine 0.9979, worst per-sample cosine 0.93, worst top-1 agreement 0.906 (random-weight
-   ResNet-18 at 3-5 bits, where logits are near ties); the bundled ResNet-20 never fell below 0.999
-   / 0.969. Where onnxruntime fuses integer kernels (8-bit MobileNetV2) it also folds BN and
+   ResNet-18 at 3-5 bits, where logits are near ties) on an AMD EPYC; on an Intel Xeon with
+   AVX-512/AMX, whose float kernels round differently, a random-weight MobileNetV2 at W8A8 fell to
+   0.987 and the trained mobilenetv2_fmnist at W8A8 to 0.959, segment parity passing in both; the
+   bundled ResNet-20 never fell below 0.999 / 0.969. Where onnxruntime fuses integer kernels (8-bit MobileNetV2) it also folds BN and
    re-quantizes the folded weights and the bias itself, which moves about 10% of the next layer's
    codes by up to 4 steps: a property of the runtime, visible only here. So the end-to-end bounds
    catch gross breakage, and segment parity is what makes a subtly broken file fail.
@@ -54,7 +56,11 @@ class ParityTolerance:
     max_code_step: int = 1  # and by at most this many steps
     max_forced_logit_rel: float = 1e-3  # logits from reference codes: max-abs / max |logit|
     # end to end (loose; see module docstring)
-    min_cosine_mean: float = 0.99  # mean over samples of the logit-vector cosine
+    # mean over samples of the logit-vector cosine. 0.9, not 0.99: how far boundary flips carry is a
+    # property of the model and of the CPU's float kernels. On an Intel Xeon (AVX-512/AMX) a
+    # random-weight MobileNetV2 at W8A8 gave 0.987-0.992 and the trained mobilenetv2_fmnist at W8A8
+    # 0.959, both with segment parity passing; a wrong scale or layout is caught by the segments.
+    min_cosine_mean: float = 0.9
     min_top1: float = 0.8  # fraction of samples with the same arg-max
     max_abs_rel: float = 1.0  # max |logit difference| / max |reference logit|
 

@@ -15,7 +15,7 @@ from dfq.quant.deploy import build_deploy_module
 from dfq.quant.export import ONNX_FILE, REJECTED_ONNX_FILE, export_all, export_torch
 from dfq.quant.onnx_export import export_onnx, op_counts
 from dfq.quant.packed import PACKED_FILE, load_packed
-from dfq.quant.parity import ParityError, check_parity
+from dfq.quant.parity import ParityError, ParityTolerance, check_parity
 from dfq.spec import JobSpec
 
 
@@ -79,7 +79,10 @@ def test_onnx_export_matches_fake_quant_in_onnxruntime(tmp_path, arch, in_ch, si
         assert int8_weights  # the weights travel as int8 codes, not floats
     else:
         assert "QuantizeLinear" not in ops and ops["Round"] == n_acts
-    figures = check_parity(student, tmp_path / "m.onnx", torch.randn(8, *info.input_shape))
+    # Random weights put logits near ties, so one boundary flip can change the arg-max: top-1
+    # agreement is gated for trained models (jobs) only; the segment checks below are the strict part.
+    loose_top1 = ParityTolerance(min_top1=0.0)
+    figures = check_parity(student, tmp_path / "m.onnx", torch.randn(8, *info.input_shape), loose_top1)
     assert figures["passed"], figures
     seg = figures["segments"]
     assert seg["quantizers_checked"] == (n_acts if spec.quant.a_bits <= 8 else 0)
