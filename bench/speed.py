@@ -1,10 +1,18 @@
 """Speed benchmark: iterations/s, images/s and peak memory of the quantization loop.
 
-One iteration = one generator step + one student step (post-warm-up, so both networks train).
-Each configuration runs in its own process, so peak memory (RSS on CPU, max allocated on CUDA) is its
-own. Optionally writes a torch.profiler table of where the time goes.
+One iteration = one generator step + one student step, measured in the calibrate+finetune phase (both
+networks train and activation ranges update: the most expensive phase). The warm-up iterations (at
+least 1) also absorb one-off work: DSG margin estimation and zero-shot FDDA centers. Each configuration
+runs in its own process, so peak memory (RSS on CPU, max allocated on CUDA) is its own. Besides wall
+time it records the process CPU time per iteration, which a machine shared with other jobs inflates
+less than wall time.
 
-    python bench/speed.py --teachers resnet20_fmnist --methods gdfq dsg --bits W4A4 --iters 10
+    python bench/speed.py --teachers resnet20_fmnist --methods gdfq dsg --bits W4A4 --iters 5
+    # before/after: run every configuration in this tree and in another checkout, interleaved
+    python bench/speed.py --vs-root ../base --name speed-ab
+    # opt-in switches: --speed '{"bf16": true}'; --profile writes a torch.profiler table per configuration
+
+Writes bench/results/<name>.json and <name>.md and prints the table.
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+TEACHERS = ["resnet20_fmnist", "resnet18_fmnist", "mobilenetv2_fmnist"]
+METHODS = ["gdfq", "dsg", "fdda", "acq", "lrq"]
 
 
 def measure(
@@ -31,8 +40,10 @@ def measure(
     warmup: int,
     device: str,
     threads: int | None,
-    profile: Path | None,
+    profile: str | None,
+    speed: dict | None,
 ) -> dict:
+    """One configuration, in this process (the ``dfq`` on sys.path is the one measured)."""
     import torch
 
     from dfq.models.teachers import load_bundled
@@ -43,37 +54,37 @@ def measure(
     if threads:
         torch.set_num_threads(threads)
     model, info = load_bundled(teacher)
-    spec = JobSpec.model_validate(
-        {
-            "method": method,
-            "bits": bits,
-            "device": device,
-            # no warm-up phase: every measured iteration steps both G and S; DSG margins are fixed
-            # and FDDA centers are computed up front (their one-off cost is not per-iteration)
-            "budget": {
-                "preset": "cpu",
-                "batch_size": batch,
-                "warmup_epochs": 1,
-                "iters_per_epoch": 1,
-                "epochs": 1000,
-            },
-        }
-    )
+    data = {
+        "method": method,
+        "bits": bits,
+        "device": device,
+        # one warm-up epoch of one iteration: every later iteration steps both G and S
+        "budget": {
+            "preset": "cpu",
+            "batch_size": batch,
+            "warmup_epochs": 1,
+            "iters_per_epoch": 1,
+            "epochs": 1000,
+        },
+    }
+    if speed:  # only trees that have the speed block get it (the "before" tree does not)
+        data["speed"] = speed
+    spec = JobSpec.model_validate(data)
     dev = resolve_device(device)
     pipe = Pipeline(spec, model, info.num_classes, info.input_shape, dev)
     pipe.step = 1  # past the one-iteration warm-up epoch
     set_calibration(pipe.student, True)
-    for _ in range(warmup):
+    for _ in range(max(warmup, 1)):
         pipe.train_step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(iters):
         pipe.train_step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
     out = {
         "teacher": teacher,
         "method": method,
@@ -81,98 +92,177 @@ def measure(
         "batch": batch,
         "iters": iters,
         "s_per_it": dt / iters,
+        "cpu_s_per_it": dc / iters,
         "it_per_s": iters / dt,
         "img_per_s": iters * batch / dt,
         "peak_mem_mb": (torch.cuda.max_memory_allocated() / 2**20)
         if dev.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "mem_kind": "cuda max_allocated" if dev.type == "cuda" else "process peak RSS",
-        "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+        "device": "cpu" if dev.type == "cpu" else torch.cuda.get_device_name(dev),
         "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "speed": spec.model_dump().get("speed"),
     }
-    if profile is not None:
+    if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as prof_ctx
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with prof_ctx(activities=acts) as prof:
-            for _ in range(min(iters, 3)):
+            for _ in range(min(iters, 2)):
                 pipe.train_step()
         key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-        profile.write_text(prof.key_averages().table(sort_by=key, row_limit=25))
+        Path(profile).write_text(prof.key_averages().table(sort_by=key, row_limit=30) + "\n")
     return out
+
+
+def run_one(root: Path, cfg: dict) -> dict:
+    """Run ``measure`` in a fresh process importing ``dfq`` from ``root``."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(cfg), "--root", str(root)],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cfg['teacher']} {cfg['method']} {cfg['bits']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| tree | teacher | method | bits | batch | iters | s/it | CPU s/it | it/s | img/s | peak RSS MB | threads |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tree']} | {r['teacher']} | {r['method']} | {r['bits']} | {r['batch']} | {r['iters']} | "
+            f"{r['s_per_it']:.3f} | {r['cpu_s_per_it']:.3f} | {r['it_per_s']:.3f} | {r['img_per_s']:.1f} | "
+            f"{r['peak_mem_mb']:.0f} | {r['threads']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+NOTE = (
+    "CPU, batch 128, 2 torch threads, on a 2-core machine shared with other jobs (contended): before and "
+    "after ran interleaved, configuration by configuration, so drifts hit both; quote the ratios. "
+    "CPU s/it (process CPU time) is less inflated by contention than wall s/it.\n\n"
+)
+
+
+def split(results_dir: Path, stems: list[str]) -> None:
+    """speed-before (tree 'base') and speed-after (tree 'this') from interleaved runs, plus the ratios."""
+    runs = [json.loads((results_dir / f"{stem}.json").read_text()) for stem in stems]
+    rows = [r for run in runs for r in run["rows"]]
+    metas = [run["meta"] for run in runs]
+    for name, tree in (("speed-before", "base"), ("speed-after", "this")):
+        mine = [r for r in rows if r["tree"] == tree]
+        (results_dir / f"{name}.json").write_text(json.dumps({"meta": metas, "rows": mine}, indent=2) + "\n")
+        (results_dir / f"{name}.md").write_text(NOTE + markdown(mine))
+    key = ("teacher", "method", "bits")
+    lines = [
+        "| teacher | method | bits | before s/it | after s/it | speed-up (wall) | before CPU s/it | after CPU s/it | "
+        "speed-up (CPU) | before RSS MB | after RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:  # pairs only within one interleaved run
+        base = {tuple(r[k] for k in key): r for r in run["rows"] if r["tree"] == "base"}
+        for r in run["rows"]:
+            b = base.get(tuple(r[k] for k in key))
+            if r["tree"] != "this" or b is None:
+                continue
+            lines.append(
+                f"| {r['teacher']} | {r['method']} | {r['bits']} | {b['s_per_it']:.2f} | {r['s_per_it']:.2f} | "
+                f"{b['s_per_it'] / r['s_per_it']:.2f}x | {b['cpu_s_per_it']:.2f} | {r['cpu_s_per_it']:.2f} | "
+                f"{b['cpu_s_per_it'] / r['cpu_s_per_it']:.2f}x | {b['peak_mem_mb']:.0f} | {r['peak_mem_mb']:.0f} |"
+            )
+    (results_dir / "speed-compare.md").write_text(NOTE + "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--teachers", nargs="+", default=["resnet20_fmnist", "resnet18_fmnist", "mobilenetv2_fmnist"]
-    )
-    p.add_argument("--methods", nargs="+", default=["gdfq", "dsg", "fdda", "acq", "lrq"])
+    p.add_argument("--teachers", nargs="+", default=TEACHERS)
+    p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--bits", nargs="+", default=["W4A4", "W3A3"])
     p.add_argument("--batch", type=int, default=None, help="default: 128 on CPU, 256 on CUDA")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5, help="measured iterations per configuration")
+    p.add_argument(
+        "--big-iters", type=int, default=2, help="measured iterations for the 3x64x64 teachers (slow on CPU)"
+    )
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured iterations first (at least 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--speed", type=json.loads, default=None, help="JobSpec.speed overrides (JSON)")
+    p.add_argument(
+        "--vs-root", type=Path, default=None, help="another checkout, run interleaved (tree 'base')"
+    )
     p.add_argument("--profile", action="store_true", help="write a torch.profiler table per configuration")
     p.add_argument("--name", default=None, help="results file stem (default speed-<device>)")
-    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON) in this process
+    p.add_argument(
+        "--split",
+        nargs="+",
+        metavar="STEM",
+        help="merge interleaved results (--vs-root runs) into speed-before/-after.{json,md} and exit",
+    )
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one configuration (JSON) here
+    p.add_argument("--root", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        cfg = json.loads(args.one)
-        cfg["profile"] = Path(cfg["profile"]) if cfg["profile"] else None
-        print(json.dumps(measure(**cfg)))
+        sys.path.insert(0, str(args.root))
+        print(json.dumps(measure(**json.loads(args.one))))
+        return 0
+    if args.split:
+        split(ROOT / "bench" / "results", args.split)
         return 0
     batch = args.batch or (256 if args.device.startswith("cuda") else 128)
     results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"speed-{args.device.replace(':', '')}"
-    rows = []
-    for teacher in args.teachers:
-        for method in args.methods:
-            for bits in args.bits:
-                prof = results_dir / f"{stem}-profile-{teacher}-{method}-{bits}.txt" if args.profile else None
-                cfg = {
-                    "teacher": teacher,
-                    "method": method,
-                    "bits": bits,
-                    "batch": batch,
-                    "iters": args.iters,
-                    "warmup": args.warmup,
-                    "device": args.device,
-                    "threads": args.threads,
-                    "profile": str(prof) if prof else None,
-                }
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--one", json.dumps(cfg)],
-                    capture_output=True,
-                    text=True,
-                    cwd=ROOT,
-                )
-                if proc.returncode != 0:
-                    print(proc.stderr[-2000:], file=sys.stderr)
-                    return 1
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
-                rows.append(row)
-                print(
-                    f"{teacher:20s} {method:8s} {bits:6s} {row['s_per_it']:.3f} s/it {row['img_per_s']:.0f} img/s {row['peak_mem_mb']:.0f} MB",
-                    flush=True,
-                )
+    trees = [("this", ROOT)] + ([("base", args.vs_root.resolve())] if args.vs_root else [])
     meta = {
         "machine": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "batch": batch,
+        "argv": sys.argv[1:] if argv is None else argv,
+        "trees": {t: str(r) for t, r in trees},
     }
-    (results_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    print(
-        "\n| teacher | method | bits | batch | s/it | it/s | img/s | peak MB | threads | device |\n|---|---|---|---|---|---|---|---|---|---|"
-    )
-    for r in rows:
-        print(
-            f"| {r['teacher']} | {r['method']} | {r['bits']} | {r['batch']} | {r['s_per_it']:.3f} | {r['it_per_s']:.2f} | {r['img_per_s']:.0f} | {r['peak_mem_mb']:.0f} | {r['threads']} | {r['device']} |"
-        )
+    rows: list[dict] = []
+    for teacher in args.teachers:
+        iters = args.iters if teacher == "resnet20_fmnist" else args.big_iters
+        for method in args.methods:
+            for bits in args.bits:
+                for tree, root in trees:  # interleaved, so contention drifts hit both trees alike
+                    prof = results_dir / f"{stem}-profile-{tree}-{teacher}-{method}-{bits}.txt"
+                    cfg = {
+                        "teacher": teacher,
+                        "method": method,
+                        "bits": bits,
+                        "batch": batch,
+                        "iters": iters,
+                        "warmup": args.warmup,
+                        "device": args.device,
+                        "threads": args.threads,
+                        "profile": str(prof) if args.profile else None,
+                        "speed": args.speed if tree == "this" else None,
+                    }
+                    row = {"tree": tree, **run_one(root, cfg)}
+                    rows.append(row)
+                    write(results_dir, stem, meta, rows)  # after every row: a killed run keeps its rows
+                    print(
+                        f"{tree:5s} {teacher:20s} {method:5s} {bits:5s} {row['s_per_it']:7.3f} s/it "
+                        f"{row['cpu_s_per_it']:7.3f} CPU s/it {row['img_per_s']:6.1f} img/s "
+                        f"{row['peak_mem_mb']:6.0f} MB",
+                        flush=True,
+                    )
+    print("\n" + markdown(rows))
     return 0
+
+
+def write(results_dir: Path, stem: str, meta: dict, rows: list[dict]) -> None:
+    (results_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (results_dir / f"{stem}.md").write_text(markdown(rows))
 
 
 if __name__ == "__main__":

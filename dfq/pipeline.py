@@ -26,6 +26,7 @@ from dfq.distill import student_loss
 from dfq.evaluate import predict, top1
 from dfq.quant import quantize, set_calibration
 from dfq.spec import JobSpec
+from dfq.speed import as_float32, autocast, set_memory_format
 from dfq.synth.bn_stats import bn_layers
 from dfq.synth.generators import build_generator
 from dfq.synth.objective import GeneratorObjective
@@ -159,6 +160,11 @@ class Pipeline:
         self.sample_y = torch.arange(shown).repeat_interleave(samples_per_class).to(self.device)
         # ACQ generators also take an attention center: snapshots use a fixed spread of centers
         self.sample_c = torch.rand(len(self.sample_y), 2, generator=g).to(self.device) if m.acq else None
+        set_memory_format(self._networks(), spec.speed.channels_last)
+
+    def _networks(self) -> list[nn.Module]:
+        twin = self.objective.twin
+        return [self.teacher, self.student, self.generator, *([twin] if twin is not None else [])]
 
     # ------------------------------------------------------------------------------------ state
 
@@ -181,7 +187,8 @@ class Pipeline:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"checkpoint state version {state.get('version')} is not {STATE_VERSION}")
-        if json.loads(state["spec"]) != self.spec.canonical():
+        # re-validated, so a checkpoint written before a field existed compares with its default
+        if JobSpec.model_validate(json.loads(state["spec"])).canonical() != self.spec.canonical():
             raise ValueError(
                 "the checkpoint was written by a run with a different JobSpec; use another --out"
             )
@@ -227,7 +234,8 @@ class Pipeline:
         if not in_warmup and self.objective.needs_warmup_end():
             extra = self.objective.on_warmup_end(self.generator)
 
-        loss_g, images, y, t_logits, parts = self.objective.loss(self.generator, in_warmup)
+        with autocast(self.device, self.spec.speed.bf16):
+            loss_g, images, y, t_logits, parts = self.objective.loss(self.generator, in_warmup)
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         finite = _grads_finite(self.generator)
@@ -241,7 +249,8 @@ class Pipeline:
             t = torch.cat([obj.calib_logits, t])
             labels = torch.cat([obj.calib_labels, y])
         with torch.set_grad_enabled(not in_warmup):
-            s_logits = self.student(x)
+            with autocast(self.device, self.spec.speed.bf16):
+                s_logits = as_float32(self.student(x))
             loss_s, s_parts = student_loss(self.spec.method, s_logits, t, labels, epoch, b.epochs)
         if not in_warmup:
             self.opt_s.zero_grad(set_to_none=True)
@@ -338,4 +347,5 @@ class Pipeline:
                 self.save(checkpoint_path)
                 emit(Event("checkpoint", phase, self.step, self.total, epoch))
         set_calibration(self.student, False)
+        set_memory_format(self._networks(), False)  # exports (safetensors) need contiguous NCHW tensors
         return self.history

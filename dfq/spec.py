@@ -378,6 +378,22 @@ class ExportSpec(_Strict):
     )
 
 
+class SpeedSpec(_Strict):
+    """How the loop runs (docs/methods.md "Speed"). ``channels_last`` only reorders float sums; ``bf16``
+    changes results and is opt-in."""
+
+    channels_last: bool = Field(
+        True,
+        description="NHWC tensors for teacher, student and generator (oneDNN/cuDNN's fast layout; same "
+        "math, float sums reassociated)",
+    )
+    bf16: bool = Field(
+        False,
+        description="bfloat16 autocast for the networks' convs/linears (AMX on CPU, tensor cores on GPU); "
+        "BN statistics, quantizer ranges and losses stay float32. Changes results: opt-in",
+    )
+
+
 class JobSpec(_Strict):
     method: MethodSpec = Field(default_factory=MethodSpec)
     quant: QuantSpec = Field(default_factory=QuantSpec)
@@ -391,6 +407,7 @@ class JobSpec(_Strict):
         None, ge=1, description="evaluate on the first N labelled images (None: all)"
     )
     export: ExportSpec = Field(default_factory=ExportSpec)
+    speed: SpeedSpec = Field(default_factory=SpeedSpec)
 
     @model_validator(mode="before")
     @classmethod

@@ -123,6 +123,8 @@ class ActQuant(nn.Module):
         return self.raw_min, self.raw_max
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.bfloat16, torch.float16):  # ranges and the grid stay float32 under autocast
+            x = x.float()
         if self.calibrating:
             self.observe(x)
         if self.bits >= FLOAT_BITS:

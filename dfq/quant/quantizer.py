@@ -47,12 +47,41 @@ def dequantize(q: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.Tensor) -
     return (q + _broadcast(zp, q)) / _broadcast(scale, q)
 
 
+class _ReferenceFakeQuant(torch.autograd.Function):
+    """The reference's ``AsymmetricQuantFunction``: returns the dequantized grid value itself, with an
+    identity gradient (no masking of clipped values).
+
+    Why a Function rather than ``x + (xq - x).detach()``: that composition costs two more full passes
+    (and a temporary) per quantized tensor, and its float result can differ from ``xq`` in the last
+    bit; the forward here runs the reference's six operations in place on one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):  # type: ignore[override]
+        out = torch.mul(scale, x)
+        return out.sub_(zero_point).round_().clamp_(qmin, qmax).add_(zero_point).div_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None, None, None, None
+
+
 def fake_quantize(x: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Quantize-dequantize with an identity gradient w.r.t. ``x`` (straight-through estimator).
 
     The range is treated as a constant (the reference reads it from ``.data``), so no gradient flows
-    into ``lo``/``hi``.
+    into ``lo``/``hi``. The forward value is exactly ``dequantize(quantize_to_int(x))``.
     """
+    with torch.no_grad():
+        scale, zp = asymmetric_params(bits, lo.detach(), hi.detach())
+        scale, zp = _broadcast(scale, x), _broadcast(zp, x)
+    qmin, qmax = int_range(bits)
+    return _ReferenceFakeQuant.apply(x, scale, zp, qmin, qmax)
+
+
+def fake_quantize_ops(x: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """dfq's pre-speed composition ``x + (xq - x).detach()``: same gradient, same forward up to the last
+    float bit. Kept as the plain path the equivalence tests compare :func:`fake_quantize` against."""
     with torch.no_grad():
         lo, hi = lo.detach(), hi.detach()
         xq = dequantize(quantize_to_int(x, bits, lo, hi), bits, lo, hi)
@@ -61,8 +90,8 @@ def fake_quantize(x: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.Tensor
 
 def per_channel_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of every output channel (dim 0) of a weight tensor."""
-    flat = w.detach().reshape(w.shape[0], -1)
-    return flat.amin(dim=1), flat.amax(dim=1)
+    lo, hi = torch.aminmax(w.detach().reshape(w.shape[0], -1), dim=1)  # one pass, the same exact values
+    return lo, hi
 
 
 def per_tensor_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,6 +33,7 @@ class BNStatsRecorder:
 
     def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         x = args[0]
+        x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x  # fp32 statistics under autocast
         var, mean = torch.var_mean(x, dim=[0, 2, 3] if x.dim() == 4 else [0], correction=0)
         self.means.append(mean)
         self.vars.append(var)

@@ -17,6 +17,7 @@ from torch import nn
 from dfq.attention import FeatureTap, default_stage
 from dfq.data import LabelledSet, Preprocess
 from dfq.spec import JobSpec
+from dfq.speed import as_float32
 from dfq.synth import acq as acq_losses
 from dfq.synth import dsg as dsg_losses
 from dfq.synth import fdda as fdda_losses
@@ -185,7 +186,7 @@ class GeneratorObjective:
         """One batch through G and T: returns (L_G, images, labels, teacher logits, metric tensors)."""
         m = self.spec.method
         z, y, c = self.sample(self.spec.budget.batch_size)
-        images = generator(z, y, c)
+        images = as_float32(generator(z, y, c))
         sda_on = m.dsg is not None and m.dsg.sda and self.margins is not None
         tap = FeatureTap(self.teacher, self.stage) if self.stage else None
         with BNStatsRecorder(self.teacher, keep_inputs=sda_on) as rec, PenultimateTap(self.teacher) as pen:
@@ -194,6 +195,7 @@ class GeneratorObjective:
                     t_logits = self.teacher(images)
             else:
                 t_logits = self.teacher(images)
+        t_logits = as_float32(t_logits)
         metrics: dict[str, torch.Tensor] = {}
         if m.lrq and m.lrq.ama:
             ce = ama_loss(pen.features, pen.fc.weight, y, m.lrq.ama_margin, m.lrq.ama_scale)
