@@ -86,7 +86,8 @@ def map_stats(teacher_maps: torch.Tensor, student_maps: torch.Tensor) -> dict[st
 def heat(maps: torch.Tensor, size: tuple[int, int], scale: torch.Tensor) -> torch.Tensor:
     """N x h x w maps -> N x 3 x H x W colours, each map divided by its sample's ``scale``."""
     a = F.interpolate(maps.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-    a = (a / scale.clamp_min(1e-12).view(-1, 1, 1)).clamp(0, 1)
+    # A diverged student can hand back NaN maps; they draw as cold rather than crash the job.
+    a = (a / scale.clamp_min(1e-12).view(-1, 1, 1)).nan_to_num(0.0).clamp(0, 1)
     pos = a * (len(_RAMP) - 1)
     lo = pos.floor().long().clamp(max=len(_RAMP) - 2)
     frac = (pos - lo).unsqueeze(-1)

@@ -94,3 +94,11 @@ def test_the_first_tile_of_a_triple_is_the_image_itself():
     teacher_tile = fig[:, 7 : 7 + 64, 7 + 65 : 7 + 65 + 64]
     student_tile = fig[:, 7 : 7 + 64, 7 + 130 : 7 + 130 + 64]
     assert torch.equal(teacher_tile, student_tile) and not torch.allclose(teacher_tile, tile)
+
+
+def test_nan_maps_draw_as_cold_instead_of_crashing():
+    maps = torch.rand(2, 4, 4)
+    maps[0] = float("nan")
+    rgb = heat(maps, (8, 8), torch.tensor([float("nan"), 1.0]))
+    assert rgb.shape == (2, 3, 8, 8) and torch.isfinite(rgb).all()
+    assert torch.equal(rgb[0], heat(torch.zeros(1, 4, 4), (8, 8), torch.ones(1))[0])
