@@ -45,6 +45,11 @@ class WorkerSettings(BaseSettings):
         True, description="import torch/dfq in the worker parent (no CUDA init) so forked jobs start fast"
     )
     filesystem_poll_s: float = Field(0.05, gt=0, description="polling interval of the filesystem broker")
+    intake_memory_mb: int = Field(
+        4096, ge=16, description="memory the process that parses an upload may map (RLIMIT_AS headroom)"
+    )
+    intake_cpu_s: int = Field(120, ge=1, description="CPU-seconds limit of that process (RLIMIT_CPU)")
+    intake_timeout_s: float = Field(300.0, gt=0, description="wall-clock limit; the process is then killed")
 
     @property
     def resolved_database_url(self) -> str:
