@@ -16,6 +16,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app.api import artifacts, checkpoints, events, jobs
 from app.auth import TokenVerifier
+from app.ratelimit import SlidingWindowLimiter
 from app.sessions import load_secret_key
 from app.settings import Settings, get_settings
 from app.web import router as pages_router
@@ -81,6 +82,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = session_factory(settings.resolved_database_url)
     app.state.celery = make_celery(settings)
     app.state.verifier = TokenVerifier(settings.token_cache_s)
+    app.state.submit_limiter = SlidingWindowLimiter(settings.job_submit_limit, settings.job_submit_window_s)
     app.state.secret_key = load_secret_key(settings.secret_key, settings.data_dir)
     app.state.redis = None
 

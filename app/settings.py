@@ -33,6 +33,10 @@ class Settings(WorkerSettings):
         None, description="signs browser sessions and CSRF tokens; default: a random key in data_dir"
     )
     session_max_age_s: int = Field(12 * 3600, ge=60, description="how long a browser login lasts")
+    job_submit_limit: int = Field(
+        30, ge=0, description="job submissions (create and clone) per token per window; 0: unlimited"
+    )
+    job_submit_window_s: float = Field(60.0, gt=0, description="the window of job_submit_limit")
 
 
 @lru_cache

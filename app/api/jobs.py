@@ -15,6 +15,7 @@ from app.auth import Principal
 from app.deps import PrincipalDep, SessionDep, SettingsDep
 from app.overrides import merge_overrides
 from app.owned import owned
+from app.ratelimit import RateLimited
 from app.schemas import HEADLINE_KEYS, JobClone, JobCreate, JobOut, LogLine, MetricPointOut, Page
 from dfq.spec import JobSpec
 from worker.celery_app import QUANTIZE_TASK
@@ -71,8 +72,17 @@ def enqueue(
     ckpt: Checkpoint,
     cloned_from: str | None = None,
 ) -> Job:
-    """Insert the ``queued`` row, then send the task; if the broker is down, nothing is kept (503)."""
+    """Insert the ``queued`` row, then send the task; if the broker is down, nothing is kept (503).
+    Over the per-token submission limit: 429 with ``Retry-After``, nothing inserted."""
     settings = request.app.state.settings
+    limiter = request.app.state.submit_limiter
+    key = f"token:{principal.token_id}" if principal.token_id is not None else f"user:{principal.user_id}"
+    try:
+        limiter.hit(key)
+    except RateLimited as exc:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS, str(exc), headers={"Retry-After": str(exc.retry_after_s)}
+        ) from None
     job = Job(
         id=new_id(), owner_id=principal.user_id, checkpoint_id=ckpt.id, spec=spec.canonical(), state="queued",
         total=spec.budget.total_iters, max_attempts=settings.max_attempts, cloned_from=cloned_from,
