@@ -21,6 +21,7 @@ from sqlalchemy import delete, select, update
 from worker.db import session_scope
 from worker.events import Publisher
 from worker.models import Artifact, Job, JobLog, MetricPoint, utcnow
+from worker.retry import DEFAULT_POLICY, RetryPolicy, with_retry
 
 
 class LostOwnership(Exception):
@@ -64,6 +65,13 @@ def eta_seconds(step: int, total: int, rate: float | None) -> float | None:
     return round(max(total - step, 0) / rate, 1)
 
 
+def _copy(row: Any) -> Any:
+    """A fresh ORM object with ``row``'s column values: the buffered rows are never added to a
+    session themselves, so a write that rolled back can be retried with untouched copies."""
+    cls = type(row)
+    return cls(**{c.key: row.__dict__[c.key] for c in cls.__table__.columns if c.key in row.__dict__})
+
+
 class JobReporter:
     """The engine's ``on_event`` and ``should_cancel`` for one attempt of one job."""
 
@@ -79,11 +87,12 @@ class JobReporter:
         publish_interval_s: float = 0.2,
         cancel_poll_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        retry: RetryPolicy = DEFAULT_POLICY,
     ) -> None:
         self.db_url, self.job_id, self.run_token, self.owner_id = db_url, job_id, run_token, owner_id
         self.publisher, self.out_dir = publisher, out_dir
         self.progress_interval_s, self.publish_interval_s = progress_interval_s, publish_interval_s
-        self.cancel_poll_s, self.clock = cancel_poll_s, clock
+        self.cancel_poll_s, self.clock, self.retry = cancel_poll_s, clock, retry
         self.points: list[MetricPoint] = []
         self.logs: list[JobLog] = []
         self.artifacts: list[tuple[str, int]] = []
@@ -149,9 +158,12 @@ class JobReporter:
         now = self.clock()
         if not self.cancel_seen and now - self.last_cancel_check >= self.cancel_poll_s:
             self.last_cancel_check = now
-            with session_scope(self.db_url) as s:
-                flag = s.execute(select(Job.cancel_requested).where(Job.id == self.job_id)).scalar_one()
-            self.cancel_seen = bool(flag)
+
+            def read() -> bool:
+                with session_scope(self.db_url) as s:
+                    return s.execute(select(Job.cancel_requested).where(Job.id == self.job_id)).scalar_one()
+
+            self.cancel_seen = bool(with_retry(read, "cancel flag", self.retry))
         return self.cancel_seen
 
     # ------------------------------------------------------------------------------ writes
@@ -161,8 +173,14 @@ class JobReporter:
 
     def _trim_after(self, step: int) -> None:
         """A resumed attempt re-runs the steps after its checkpoint: drop their old points."""
-        with session_scope(self.db_url) as s:
-            s.execute(delete(MetricPoint).where(MetricPoint.job_id == self.job_id, MetricPoint.step > step))
+
+        def trim() -> None:
+            with session_scope(self.db_url) as s:
+                s.execute(
+                    delete(MetricPoint).where(MetricPoint.job_id == self.job_id, MetricPoint.step > step)
+                )
+
+        with_retry(trim, "trim metrics", self.retry)
         if step:
             self.log(f"resuming from the saved state at step {step}")
 
@@ -170,18 +188,22 @@ class JobReporter:
         """Write the buffered progress in one transaction, if this attempt still owns the job."""
         self.last_flush = self.clock() if now is None else now
         values = {**self.row, **final, "heartbeat_at": utcnow(), "updated_at": utcnow()}
-        with session_scope(self.db_url) as s:
-            result = s.execute(
-                update(Job)
-                .where(Job.id == self.job_id, Job.run_token == self.run_token, Job.state == "running")
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
-            if result.rowcount != 1:
-                raise LostOwnership(f"job {self.job_id} is no longer owned by this attempt")
-            s.add_all(self.points + self.logs)
-            for name, size in self.artifacts:
-                self._upsert_artifact(s, name, size)
+
+        def write() -> None:  # one transaction: a failed try rolled back entirely, so retrying is safe
+            with session_scope(self.db_url) as s:
+                result = s.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.run_token == self.run_token, Job.state == "running")
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+                if result.rowcount != 1:
+                    raise LostOwnership(f"job {self.job_id} is no longer owned by this attempt")
+                s.add_all([_copy(row) for row in self.points + self.logs])
+                for name, size in self.artifacts:
+                    self._upsert_artifact(s, name, size)
+
+        with_retry(write, "progress", self.retry)
         self.points, self.logs, self.artifacts = [], [], []
         self.writes += 1
 
