@@ -63,6 +63,8 @@ class JobOut(BaseModel):
     cloned_from: str | None
     spec: dict[str, Any]
     result: dict[str, Any] | None = Field(description="headline of the report (done jobs)")
+    pinned: bool = Field(False, description="kept by the retention policy (POST .../pin)")
+    artifacts_expired_at: datetime | None = Field(None, description="when retention removed its files")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -98,3 +100,4 @@ class ArtifactOut(BaseModel):
     url: str
     kind: str
     size_bytes: int
+    partial: bool = Field(False, description="left by a cancelled run (no final model)")

@@ -95,7 +95,7 @@ class JobReporter:
         self.cancel_poll_s, self.clock, self.retry = cancel_poll_s, clock, retry
         self.points: list[MetricPoint] = []
         self.logs: list[JobLog] = []
-        self.artifacts: list[tuple[str, int]] = []
+        self.artifacts: list[tuple[str, int, bool]] = []
         self.row: dict[str, Any] = {}
         self.first_step: int | None = None
         self.t_first = 0.0
@@ -138,12 +138,12 @@ class JobReporter:
         elif event.kind == "samples":
             name = f"samples/step_{event.step:06d}.png"
             path = self.out_dir / name
-            self.artifacts.append((name, path.stat().st_size if path.exists() else 0))
+            self.artifacts.append((name, path.stat().st_size if path.exists() else 0, False))
             payload["artifact"] = name
             # the engine's teacher-vs-student attention figure of the same samples, when it made one
             for extra in (f"attention/step_{event.step:06d}.png", f"attention/step_{event.step:06d}.json"):
                 if (self.out_dir / extra).exists():
-                    self.artifacts.append((extra, (self.out_dir / extra).stat().st_size))
+                    self.artifacts.append((extra, (self.out_dir / extra).stat().st_size, False))
                     payload.setdefault("attention", extra)
         payload["eta_s"] = eta_seconds(event.step, event.total, self.row.get("rate"))
         urgent = event.kind != "step"
@@ -200,14 +200,14 @@ class JobReporter:
                 if result.rowcount != 1:
                     raise LostOwnership(f"job {self.job_id} is no longer owned by this attempt")
                 s.add_all([_copy(row) for row in self.points + self.logs])
-                for name, size in self.artifacts:
-                    self._upsert_artifact(s, name, size)
+                for name, size, partial in self.artifacts:
+                    self._upsert_artifact(s, name, size, partial)
 
         with_retry(write, "progress", self.retry)
         self.points, self.logs, self.artifacts = [], [], []
         self.writes += 1
 
-    def _upsert_artifact(self, s: Any, name: str, size: int) -> None:
+    def _upsert_artifact(self, s: Any, name: str, size: int, partial: bool = False) -> None:
         existing = s.execute(
             select(Artifact).where(Artifact.job_id == self.job_id, Artifact.name == name)
         ).scalar_one_or_none()
@@ -219,17 +219,19 @@ class JobReporter:
                     name=name,
                     kind=artifact_kind(name),
                     size_bytes=size,
+                    partial=partial,
                 )
             )
         else:
-            existing.size_bytes = size
+            existing.size_bytes, existing.partial = size, partial
 
-    def register_files(self, out_dir: Path, skip: set[str]) -> None:
-        """Queue every file of the job directory (but ``skip``) as an artifact."""
+    def register_files(self, out_dir: Path, skip: set[str], partial: bool = False) -> None:
+        """Queue every file of the job directory (but ``skip``) as an artifact; ``partial`` marks
+        what a cancelled run left (metrics and samples so far, no final model)."""
         for path in sorted(out_dir.rglob("*")):
             name = path.relative_to(out_dir).as_posix()
             if path.is_file() and name not in skip and not name.endswith(".tmp"):
-                self.artifacts.append((name, path.stat().st_size))
+                self.artifacts.append((name, path.stat().st_size, partial))
 
     def finish(self, state: str, **values: Any) -> None:
         """Write the final state (done, failed or cancelled) and tell subscribers.

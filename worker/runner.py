@@ -104,6 +104,7 @@ def _attempt(job: Job, ckpt: Checkpoint, out: Path, reporter: JobReporter) -> st
         reporter.finish("done", report=report, error=None, error_phase=None)
         return "done"
     except Cancelled as exc:
+        reporter.register_files(out, NOT_ARTIFACTS, partial=True)  # kept, marked partial
         reporter.finish("cancelled", error=None, error_phase=None)
         log.info("job %s: %s", job.id, exc)
         return "cancelled"

@@ -15,6 +15,7 @@ from app.auth import Principal
 from app.deps import PrincipalDep, SessionDep, SettingsDep
 from app.overrides import merge_overrides
 from app.owned import owned
+from app.quota import quota_exceeded
 from app.ratelimit import RateLimited
 from app.schemas import HEADLINE_KEYS, JobClone, JobCreate, JobOut, LogLine, MetricPointOut, Page
 from dfq.spec import JobSpec
@@ -43,6 +44,7 @@ def job_out(job: Job) -> JobOut:
         cloned_from=job.cloned_from, spec=job.spec,
         result={k: report[k] for k in HEADLINE_KEYS if k in report} if report else None,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        pinned=bool(job.pinned), artifacts_expired_at=job.artifacts_expired_at,
     )  # fmt: skip
 
 
@@ -83,6 +85,9 @@ def enqueue(
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS, str(exc), headers={"Retry-After": str(exc.retry_after_s)}
         ) from None
+    over = quota_exceeded(session, principal.user_id, settings.user_quota_bytes)
+    if over:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, over)
     job = Job(
         id=new_id(), owner_id=principal.user_id, checkpoint_id=ckpt.id, spec=spec.canonical(), state="queued",
         total=spec.budget.total_iters, max_attempts=settings.max_attempts, cloned_from=cloned_from,
@@ -156,6 +161,27 @@ def cancel_job(job_id: str, principal: PrincipalDep, session: SessionDep):
     if not done:
         session.execute(update(Job).where(Job.id == job.id).values(cancel_requested=True, updated_at=now))
     session.add(JobLog(job_id=job.id, message="cancelled while queued" if done else "cancel requested"))
+    session.commit()
+    session.refresh(job)
+    return job_out(job)
+
+
+@router.post("/{job_id}/pin", response_model=JobOut)
+def pin_job(job_id: str, principal: PrincipalDep, session: SessionDep):
+    """Keep this job's artifacts past the retention period (DFQ_RETENTION_DAYS)."""
+    return _set_pinned(session, principal, job_id, True)
+
+
+@router.post("/{job_id}/unpin", response_model=JobOut)
+def unpin_job(job_id: str, principal: PrincipalDep, session: SessionDep):
+    """Let the retention policy remove this job's artifacts once they are old enough."""
+    return _set_pinned(session, principal, job_id, False)
+
+
+def _set_pinned(session: Session, principal: Principal, job_id: str, pinned: bool) -> JobOut:
+    job = owned_job(session, principal, job_id)
+    job.pinned = pinned
+    session.add(JobLog(job_id=job.id, message="pinned" if pinned else "unpinned"))
     session.commit()
     session.refresh(job)
     return job_out(job)
