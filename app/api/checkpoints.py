@@ -15,7 +15,7 @@ from app.auth import Principal
 from app.deps import PrincipalDep, SessionDep, SettingsDep
 from app.owned import owned
 from app.quota import quota_message, remaining_bytes
-from app.schemas import BundledCheckpointIn, CheckpointOut, Page
+from app.schemas import DB_INT_MAX, BundledCheckpointIn, CheckpointOut, Page
 from app.settings import Settings
 from app.upload import UploadError, receive_upload
 from worker.celery_app import INTAKE_TASK
@@ -220,8 +220,8 @@ def list_checkpoints(
     session: SessionDep,
     settings: SettingsDep,
     state: Annotated[str | None, Query(description="pending | ready | rejected")] = None,
-    limit: Annotated[int, Query(ge=1)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=DB_INT_MAX)] = 50,
+    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
 ):
     limit = min(limit, settings.page_size_max)
     q = select(Checkpoint).where(Checkpoint.owner_id == principal.user_id)

@@ -17,7 +17,7 @@ from app.overrides import merge_overrides
 from app.owned import owned
 from app.quota import quota_exceeded
 from app.ratelimit import RateLimited
-from app.schemas import HEADLINE_KEYS, JobClone, JobCreate, JobOut, LogLine, MetricPointOut, Page
+from app.schemas import DB_INT_MAX, HEADLINE_KEYS, JobClone, JobCreate, JobOut, LogLine, MetricPointOut, Page
 from dfq.spec import JobSpec
 from worker.celery_app import QUANTIZE_TASK
 from worker.models import JOB_STATES, TERMINAL_STATES, Checkpoint, Job, JobLog, MetricPoint, new_id, utcnow
@@ -123,8 +123,8 @@ def list_jobs(
     settings: SettingsDep,
     state: Annotated[list[str] | None, Query(description="filter; repeat for several states")] = None,
     checkpoint_id: str | None = None,
-    limit: Annotated[int, Query(ge=1)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=DB_INT_MAX)] = 50,
+    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
 ):
     """Your jobs, newest first."""
     bad = [s for s in state or [] if s not in JOB_STATES]
@@ -220,7 +220,7 @@ def job_logs(
     job_id: str,
     principal: PrincipalDep,
     session: SessionDep,
-    after: int = 0,
+    after: Annotated[int, Query(ge=-DB_INT_MAX, le=DB_INT_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
 ):
     """What happened to the job (attempts, phases, evaluations, errors); ``after`` pages by id."""
@@ -237,10 +237,11 @@ def job_metrics(
     principal: PrincipalDep,
     session: SessionDep,
     kind: Annotated[str | None, Query(description="step | eval")] = None,
-    after_step: int = -1,
+    after_step: Annotated[int, Query(ge=-DB_INT_MAX, le=DB_INT_MAX)] = -1,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
     stride: Annotated[
-        int, Query(ge=1, description="only steps divisible by this (thins long runs for charts)")
+        int,
+        Query(ge=1, le=DB_INT_MAX, description="only steps divisible by this (thins long runs for charts)"),
     ] = 1,
 ):
     """The time series of every logged loss and diagnostic (``kind=step``) and evaluation (``eval``)."""
