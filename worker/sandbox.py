@@ -14,11 +14,13 @@ parent never initialises CUDA, so forking is safe.
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
+import pickle
 import resource
+import select
 import signal
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +39,7 @@ class LimitExceeded(Exception):
     """The child hit a limit or died; the message says which, in words for the uploader."""
 
 
-def _child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...], limits: Limits) -> None:
+def _child(write_fd: int, fn: Callable[..., Any], args: tuple[Any, ...], limits: Limits) -> None:
     # RLIMIT_AS caps the whole address space, which already holds what the parent had mapped
     # (torch alone is ~3.5 GB of it), so the allowance is added on top of the current size.
     cap = _mapped_bytes() + limits.memory_bytes
@@ -54,17 +56,16 @@ def _child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...], limits: Lim
         result = ("memory", None)
     except BaseException as exc:
         result = ("error", f"{type(exc).__name__}: {exc}")
-    try:
-        conn.send(result)
-    finally:
-        conn.close()
-        os._exit(0)  # no atexit handlers, no flushing of the parent's inherited buffers
+    data = pickle.dumps(result)
+    with os.fdopen(write_fd, "wb") as f:
+        f.write(data)
 
 
 def _mapped_bytes() -> int:
-    for line in open("/proc/self/status").read().splitlines():  # noqa: SIM115 - tiny procfs read
-        if line.startswith("VmSize:"):
-            return int(line.split()[1]) * 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
     return 0
 
 
@@ -72,34 +73,48 @@ def run_limited(fn: Callable[..., Any], args: tuple[Any, ...], limits: Limits) -
     """``fn(*args)`` in a forked child under ``limits``; returns its (picklable) result.
 
     Raises :class:`LimitExceeded` when the child ran out of memory, CPU time or wall-clock time,
-    or died, and ``RuntimeError`` with the child's exception when ``fn`` raised.
+    or died, and ``RuntimeError`` with the child's exception when ``fn`` raised. A bare
+    ``os.fork`` rather than ``multiprocessing``: Celery's pool processes are daemonic, and
+    multiprocessing refuses to start children from those.
     """
-    ctx = multiprocessing.get_context("fork")
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(send, fn, args, limits), daemon=True)
-    proc.start()
-    send.close()
-    try:
-        if not recv.poll(limits.timeout_s):
-            raise LimitExceeded(
-                f"validating the checkpoint took longer than {limits.timeout_s:g} s and was stopped"
-            )
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller's code
+        code = 0
         try:
-            status, value = recv.recv()
-        except EOFError:  # died before sending: killed by a limit or a signal
-            proc.join(5)
-            raise LimitExceeded(_death(proc.exitcode, limits)) from None
+            os.close(read_fd)
+            _child(write_fd, fn, args, limits)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)  # no atexit handlers, no flushing of the parent's inherited buffers
+    os.close(write_fd)
+    data = bytearray()
+    deadline = time.monotonic() + limits.timeout_s
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_fd], [], [], left)[0]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                raise LimitExceeded(
+                    f"validating the checkpoint took longer than {limits.timeout_s:g} s and was stopped"
+                )
+            chunk = os.read(read_fd, 1 << 16)
+            if not chunk:
+                break
+            data += chunk
     finally:
-        if proc.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-        proc.join(5)
-        recv.close()
-    if status == "memory":
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)
+    if not data:  # died before reporting: killed by a limit or a signal
+        raise LimitExceeded(_death(os.waitstatus_to_exitcode(status), limits))
+    kind, value = pickle.loads(bytes(data))  # our own child's bytes, not the upload's
+    if kind == "memory":
         raise LimitExceeded(
             f"the checkpoint needs more memory to load than intake allows ({limits.memory_bytes // 2**20} MiB)"
         )
-    if status == "error":
+    if kind == "error":
         raise RuntimeError(value)
     return value
 
