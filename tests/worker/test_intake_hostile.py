@@ -82,3 +82,22 @@ def test_intake_rejects_an_upload_whose_parse_exhausts_memory(
     monkeypatch.setattr(intake, "validate_upload", real)
     settings = settings.model_copy(update={"intake_memory_mb": 4096})
     assert intake_checkpoint(_pending(settings, random_checkpoint), settings) == "ready"
+
+
+def _from_daemon(queue) -> None:
+    try:
+        queue.put(run_limited(hog.ok, (7,), LIMITS))
+    except Exception as exc:
+        queue.put(repr(exc))
+
+
+def test_the_sandbox_works_inside_a_daemonic_pool_process():
+    """Celery's prefork pool processes are daemonic; multiprocessing refuses children there."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_from_daemon, args=(queue,), daemon=True)
+    proc.start()
+    assert queue.get(timeout=60) == {"ok": True, "x": 7}
+    proc.join(10)
