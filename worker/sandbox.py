@@ -42,11 +42,9 @@ class LimitExceeded(Exception):
 def _child(write_fd: int, fn: Callable[..., Any], args: tuple[Any, ...], limits: Limits) -> None:
     # RLIMIT_AS caps the whole address space, which already holds what the parent had mapped
     # (torch alone is ~3.5 GB of it), so the allowance is added on top of the current size.
-    cap = _mapped_bytes() + limits.memory_bytes
-    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    _lower(resource.RLIMIT_AS, _mapped_bytes() + limits.memory_bytes, 0)
     used = resource.getrusage(resource.RUSAGE_SELF)
-    cpu_now = int(used.ru_utime + used.ru_stime)
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu_now + limits.cpu_s, cpu_now + limits.cpu_s + 5))
+    _lower(resource.RLIMIT_CPU, int(used.ru_utime + used.ru_stime) + limits.cpu_s, 5)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if "torch" in sys.modules:  # an OpenMP pool inherited through fork deadlocks: stay on one thread
         sys.modules["torch"].set_num_threads(1)
@@ -59,6 +57,15 @@ def _child(write_fd: int, fn: Callable[..., Any], args: tuple[Any, ...], limits:
     data = pickle.dumps(result)
     with os.fdopen(write_fd, "wb") as f:
         f.write(data)
+
+
+def _lower(which: int, soft: int, slack: int) -> None:
+    """Set a limit, never above a hard limit the process already has (a container may set one)."""
+    _, hard = resource.getrlimit(which)
+    if hard != resource.RLIM_INFINITY:
+        resource.setrlimit(which, (min(soft, hard), hard))
+    else:
+        resource.setrlimit(which, (soft, soft + slack))
 
 
 def _mapped_bytes() -> int:
