@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app.api import artifacts, checkpoints, events, jobs
 from app.auth import TokenVerifier
+from app.ratelimit import SlidingWindowLimiter
 from app.sessions import load_secret_key
 from app.settings import Settings, get_settings
 from app.web import router as pages_router
@@ -23,6 +25,7 @@ from app.web.render import LoginRequired, login_url
 from worker.celery_app import QUANTIZE_TASK, make_celery
 from worker.db import session_factory, session_scope
 from worker.ownership import reap_dead_jobs
+from worker.retention import RetentionResult, apply_retention
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -38,7 +41,15 @@ def reap_once(app: FastAPI) -> list[str]:
         )
 
 
+def retain_once(app: FastAPI) -> RetentionResult:
+    """Apply the retention policy (``DFQ_RETENTION_DAYS``; pinned jobs are kept)."""
+    s: Settings = app.state.settings
+    with session_scope(s.resolved_database_url) as session:
+        return apply_retention(session, s.jobs_dir, s.checkpoints_dir, s.retention_days)
+
+
 async def _reaper(app: FastAPI) -> None:
+    next_retention = 0.0
     while True:
         await asyncio.sleep(app.state.settings.reaper_interval_s)
         try:
@@ -47,6 +58,15 @@ async def _reaper(app: FastAPI) -> None:
                 log.warning("reaper re-queued or closed jobs whose worker died: %s", changed)
         except Exception:
             log.exception("reaper pass failed; will retry")
+        if time.monotonic() >= next_retention:
+            next_retention = time.monotonic() + app.state.settings.retention_interval_s
+            try:
+                removed = await anyio.to_thread.run_sync(retain_once, app)
+                if removed.jobs or removed.checkpoints:
+                    log.info("retention removed artifacts of %d job(s), %d rejected upload(s)",
+                             len(removed.jobs), len(removed.checkpoints))  # fmt: skip
+            except Exception:
+                log.exception("retention pass failed; will retry")
 
 
 @contextlib.asynccontextmanager
@@ -81,6 +101,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessions = session_factory(settings.resolved_database_url)
     app.state.celery = make_celery(settings)
     app.state.verifier = TokenVerifier(settings.token_cache_s)
+    app.state.submit_limiter = SlidingWindowLimiter(settings.job_submit_limit, settings.job_submit_window_s)
     app.state.secret_key = load_secret_key(settings.secret_key, settings.data_dir)
     app.state.redis = None
 

@@ -14,6 +14,10 @@ HEADLINE_KEYS = (
     "agreement_synthetic", "wall_s", "it_per_s", "device", "resumed_from_step",
 )  # fmt: skip
 
+# Integers in queries end up in SQL; past 32 bits some backends overflow (SQLite raised a 500 when
+# the fuzzer sent offset=1e23), so every integer parameter is bounded here, a 422 instead.
+DB_INT_MAX = 2**31 - 1
+
 
 class CheckpointOut(BaseModel):
     id: str
@@ -63,6 +67,8 @@ class JobOut(BaseModel):
     cloned_from: str | None
     spec: dict[str, Any]
     result: dict[str, Any] | None = Field(description="headline of the report (done jobs)")
+    pinned: bool = Field(False, description="kept by the retention policy (POST .../pin)")
+    artifacts_expired_at: datetime | None = Field(None, description="when retention removed its files")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -98,3 +104,4 @@ class ArtifactOut(BaseModel):
     url: str
     kind: str
     size_bytes: int
+    partial: bool = Field(False, description="left by a cancelled run (no final model)")

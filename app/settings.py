@@ -33,6 +33,22 @@ class Settings(WorkerSettings):
         None, description="signs browser sessions and CSRF tokens; default: a random key in data_dir"
     )
     session_max_age_s: int = Field(12 * 3600, ge=60, description="how long a browser login lasts")
+    user_quota_bytes: int = Field(
+        50 * 2**30, ge=0, description="disk per user (checkpoints + job artifacts); 0: unlimited"
+    )
+    retention_days: float = Field(
+        30.0,
+        ge=0,
+        description="artifacts of finished, unpinned jobs and rejected uploads are removed "
+        "after this many days; 0 keeps everything",
+    )
+    retention_interval_s: float = Field(
+        3600.0, gt=0, description="how often the API applies the retention policy"
+    )
+    job_submit_limit: int = Field(
+        30, ge=0, description="job submissions (create and clone) per token per window; 0: unlimited"
+    )
+    job_submit_window_s: float = Field(60.0, gt=0, description="the window of job_submit_limit")
 
 
 @lru_cache

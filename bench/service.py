@@ -193,7 +193,7 @@ def api_pid(stack: Stack) -> int:
 
 
 def bench_stack(kind: str, tmp: Path, args: argparse.Namespace, es: contextlib.ExitStack) -> dict:
-    env = {"DFQ_MAX_UPLOAD_BYTES": str((args.upload_mb + 1) << 20)}
+    env = {"DFQ_MAX_UPLOAD_BYTES": str((args.upload_mb + 1) << 20), "DFQ_JOB_SUBMIT_LIMIT": "0"}
     if kind == "embedded":
         stack = start_embedded(tmp, env)
     else:

@@ -192,6 +192,7 @@ def finish_report(
             "report); the headline q_top1 is the final epoch",
         }
     report["evals"] = pipe.history.get("evals", [])
+    report["oom_batch_halvings"] = pipe.history.get("oom", [])  # see dfq/oom.py
     report["layer_errors"] = layer_errors(pipe.student)
     report["activation_ranges"] = {
         k: [round(a, 5), round(b, 5)] for k, (a, b) in activation_ranges(pipe.student).items()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dfq import oom
 from dfq.data import LabelledSet, Preprocess
 from dfq.distill import student_loss
 from dfq.evaluate import predict, top1
@@ -320,7 +321,7 @@ class Pipeline:
                     self.save(checkpoint_path)
                 raise Cancelled(f"cancelled at step {self.step}/{self.total}")
             t_step = time.perf_counter()
-            metrics = self.train_step()
+            metrics = oom.train_step(self)  # halves the batch on device OOM (dfq/oom.py)
             self.step += 1
             self.history["train_s"] += time.perf_counter() - t_step
             metrics["it_per_s"] = (self.step - first) / max(time.perf_counter() - t0, 1e-9)

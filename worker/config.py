@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.retry import RetryPolicy
+
 
 class WorkerSettings(BaseSettings):
     """Knobs shared by the API and the worker processes."""
@@ -45,6 +47,22 @@ class WorkerSettings(BaseSettings):
         True, description="import torch/dfq in the worker parent (no CUDA init) so forked jobs start fast"
     )
     filesystem_poll_s: float = Field(0.05, gt=0, description="polling interval of the filesystem broker")
+    db_retry_attempts: int = Field(
+        8, ge=1, description="tries of a worker's database write before the attempt fails (transient errors)"
+    )
+    db_retry_base_s: float = Field(
+        0.5, gt=0, description="first backoff between those tries; doubles each time"
+    )
+    db_retry_max_s: float = Field(10.0, gt=0, description="longest backoff between two tries")
+    intake_memory_mb: int = Field(
+        4096, ge=16, description="memory the process that parses an upload may map (RLIMIT_AS headroom)"
+    )
+    intake_cpu_s: int = Field(120, ge=1, description="CPU-seconds limit of that process (RLIMIT_CPU)")
+    intake_timeout_s: float = Field(300.0, gt=0, description="wall-clock limit; the process is then killed")
+
+    @property
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self.db_retry_attempts, self.db_retry_base_s, self.db_retry_max_s)
 
     @property
     def resolved_database_url(self) -> str:

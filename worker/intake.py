@@ -1,7 +1,9 @@
 """Intake of an uploaded checkpoint: validate it against the named architecture, store safetensors.
 
 Uploads are untrusted: they are read only through ``dfq.models.checkpoint.load_state_dict``
-(safetensors, or ``torch.load(weights_only=True)``), never unpickled. A checkpoint becomes
+(safetensors, or ``torch.load(weights_only=True)``), never unpickled, and only in a forked child
+with memory, CPU and wall-clock limits (``worker.sandbox``), so a file built to exhaust the parser
+ends that process, not the worker. A checkpoint becomes
 ``ready`` only once a validated copy exists as safetensors; otherwise it is ``rejected`` with the
 engine's message, which says what was wrong in words the uploader can act on.
 """
@@ -17,6 +19,7 @@ from sqlalchemy import select
 from worker.config import WorkerSettings
 from worker.db import session_scope
 from worker.models import Checkpoint, utcnow
+from worker.sandbox import LimitExceeded, Limits, run_limited
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.safetensors"
@@ -52,30 +55,68 @@ def teacher_info(
     }
 
 
-def intake_checkpoint(checkpoint_id: str, settings: WorkerSettings) -> str:
-    """Validate and convert one pending checkpoint; returns its new state."""
+def validate_upload(upload: str, arch: str, out: str) -> dict[str, Any]:
+    """Runs in the limited child: read the upload only through the engine's safe loader, validate
+    it against ``arch`` and write the accepted weights as safetensors to ``out``. Touches no
+    database (the parent owns every state change); a refusal is returned, not raised."""
     from dfq.models.checkpoint import save_state_dict
     from dfq.models.registry import get_arch
     from dfq.models.teachers import load_checkpoint_model
 
+    try:
+        model, info = load_checkpoint_model(upload, arch)
+        save_state_dict({k: v.detach().cpu() for k, v in model.state_dict().items()}, out, {"arch": arch})
+    except ValueError as exc:  # CheckpointError / UnknownArchitecture: written for the uploader
+        return {"ok": False, "error": str(exc)}
+    except RuntimeError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "can't allocate memory" in msg or "out of memory" in msg.lower():
+            raise MemoryError(msg) from None
+        return {"ok": False, "error": f"could not read the checkpoint: {msg}"}
+    return {
+        "ok": True,
+        "num_classes": info.num_classes,
+        "in_channels": info.input_shape[0],
+        "default_input": list(get_arch(arch).default_input),
+    }
+
+
+def validate_in_sandbox(upload: str, arch: str, out: Path, settings: WorkerSettings) -> dict[str, Any]:
+    """:func:`validate_upload` in a forked child under the intake limits (``worker.sandbox``).
+
+    Returns the child's description of the accepted model; raises ``ValueError`` with the reason
+    for the uploader when the file is refused, or the child hit a limit or died.
+    """
+    limits = Limits(settings.intake_memory_mb * 2**20, settings.intake_cpu_s, settings.intake_timeout_s)
+    try:
+        outcome = run_limited(validate_upload, (upload, arch, str(out)), limits)
+    except LimitExceeded as exc:
+        raise ValueError(str(exc)) from None
+    except RuntimeError as exc:
+        raise ValueError(f"could not read the checkpoint: {exc}") from None
+    if not outcome.get("ok"):
+        raise ValueError(outcome.get("error") or "checkpoint refused")
+    return outcome
+
+
+def intake_checkpoint(checkpoint_id: str, settings: WorkerSettings) -> str:
+    """Validate and convert one pending checkpoint; returns its new state."""
     url = settings.resolved_database_url
     with session_scope(url) as s:
         ckpt = s.execute(select(Checkpoint).where(Checkpoint.id == checkpoint_id)).scalar_one_or_none()
         if ckpt is None or ckpt.state != "pending":
             return ckpt.state if ckpt else "missing"
         s.expunge(ckpt)
+    out = settings.checkpoints_dir / ckpt.id / MODEL_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
     try:
-        model, info = load_checkpoint_model(ckpt.upload_path, ckpt.arch)
-        default_size = tuple(get_arch(ckpt.arch).default_input[1:])
-        details = teacher_info(ckpt, info.num_classes, info.input_shape[0], default_size)
-        out = settings.checkpoints_dir / ckpt.id / MODEL_FILE
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        save_state_dict(
-            {k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp, {"arch": ckpt.arch}
-        )
+        found = validate_in_sandbox(ckpt.upload_path, ckpt.arch, tmp, settings)
+        default_size = tuple(found["default_input"][1:])
+        details = teacher_info(ckpt, found["num_classes"], found["in_channels"], default_size)
         tmp.replace(out)
-    except Exception as exc:  # CheckpointError / UnknownArchitecture carry the message for the uploader
+    except Exception as exc:  # ValueError carries the message for the uploader
+        tmp.unlink(missing_ok=True)
         error = str(exc) if isinstance(exc, ValueError) else f"could not read the checkpoint: {exc}"
         with session_scope(url) as s:
             row = s.get(Checkpoint, checkpoint_id)

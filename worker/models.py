@@ -118,6 +118,8 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(200))  # host:pid of that attempt
     heartbeat_at: Mapped[datetime | None] = mapped_column()
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    pinned: Mapped[bool] = mapped_column(Boolean, default=False)  # kept by the retention policy
+    artifacts_expired_at: Mapped[datetime | None] = mapped_column()  # when retention removed its files
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
@@ -149,6 +151,7 @@ class Artifact(Base):
     name: Mapped[str] = mapped_column(String(300))  # path relative to the job directory
     kind: Mapped[str] = mapped_column(String(40))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
+    partial: Mapped[bool] = mapped_column(Boolean, default=False)  # written by a run that was cancelled
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

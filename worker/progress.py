@@ -21,6 +21,7 @@ from sqlalchemy import delete, select, update
 from worker.db import session_scope
 from worker.events import Publisher
 from worker.models import Artifact, Job, JobLog, MetricPoint, utcnow
+from worker.retry import DEFAULT_POLICY, RetryPolicy, with_retry
 
 
 class LostOwnership(Exception):
@@ -64,6 +65,13 @@ def eta_seconds(step: int, total: int, rate: float | None) -> float | None:
     return round(max(total - step, 0) / rate, 1)
 
 
+def _copy(row: Any) -> Any:
+    """A fresh ORM object with ``row``'s column values: the buffered rows are never added to a
+    session themselves, so a write that rolled back can be retried with untouched copies."""
+    cls = type(row)
+    return cls(**{c.key: row.__dict__[c.key] for c in cls.__table__.columns if c.key in row.__dict__})
+
+
 class JobReporter:
     """The engine's ``on_event`` and ``should_cancel`` for one attempt of one job."""
 
@@ -79,14 +87,15 @@ class JobReporter:
         publish_interval_s: float = 0.2,
         cancel_poll_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        retry: RetryPolicy = DEFAULT_POLICY,
     ) -> None:
         self.db_url, self.job_id, self.run_token, self.owner_id = db_url, job_id, run_token, owner_id
         self.publisher, self.out_dir = publisher, out_dir
         self.progress_interval_s, self.publish_interval_s = progress_interval_s, publish_interval_s
-        self.cancel_poll_s, self.clock = cancel_poll_s, clock
+        self.cancel_poll_s, self.clock, self.retry = cancel_poll_s, clock, retry
         self.points: list[MetricPoint] = []
         self.logs: list[JobLog] = []
-        self.artifacts: list[tuple[str, int]] = []
+        self.artifacts: list[tuple[str, int, bool]] = []
         self.row: dict[str, Any] = {}
         self.first_step: int | None = None
         self.t_first = 0.0
@@ -129,12 +138,12 @@ class JobReporter:
         elif event.kind == "samples":
             name = f"samples/step_{event.step:06d}.png"
             path = self.out_dir / name
-            self.artifacts.append((name, path.stat().st_size if path.exists() else 0))
+            self.artifacts.append((name, path.stat().st_size if path.exists() else 0, False))
             payload["artifact"] = name
             # the engine's teacher-vs-student attention figure of the same samples, when it made one
             for extra in (f"attention/step_{event.step:06d}.png", f"attention/step_{event.step:06d}.json"):
                 if (self.out_dir / extra).exists():
-                    self.artifacts.append((extra, (self.out_dir / extra).stat().st_size))
+                    self.artifacts.append((extra, (self.out_dir / extra).stat().st_size, False))
                     payload.setdefault("attention", extra)
         payload["eta_s"] = eta_seconds(event.step, event.total, self.row.get("rate"))
         urgent = event.kind != "step"
@@ -149,9 +158,12 @@ class JobReporter:
         now = self.clock()
         if not self.cancel_seen and now - self.last_cancel_check >= self.cancel_poll_s:
             self.last_cancel_check = now
-            with session_scope(self.db_url) as s:
-                flag = s.execute(select(Job.cancel_requested).where(Job.id == self.job_id)).scalar_one()
-            self.cancel_seen = bool(flag)
+
+            def read() -> bool:
+                with session_scope(self.db_url) as s:
+                    return s.execute(select(Job.cancel_requested).where(Job.id == self.job_id)).scalar_one()
+
+            self.cancel_seen = bool(with_retry(read, "cancel flag", self.retry))
         return self.cancel_seen
 
     # ------------------------------------------------------------------------------ writes
@@ -161,8 +173,14 @@ class JobReporter:
 
     def _trim_after(self, step: int) -> None:
         """A resumed attempt re-runs the steps after its checkpoint: drop their old points."""
-        with session_scope(self.db_url) as s:
-            s.execute(delete(MetricPoint).where(MetricPoint.job_id == self.job_id, MetricPoint.step > step))
+
+        def trim() -> None:
+            with session_scope(self.db_url) as s:
+                s.execute(
+                    delete(MetricPoint).where(MetricPoint.job_id == self.job_id, MetricPoint.step > step)
+                )
+
+        with_retry(trim, "trim metrics", self.retry)
         if step:
             self.log(f"resuming from the saved state at step {step}")
 
@@ -170,22 +188,26 @@ class JobReporter:
         """Write the buffered progress in one transaction, if this attempt still owns the job."""
         self.last_flush = self.clock() if now is None else now
         values = {**self.row, **final, "heartbeat_at": utcnow(), "updated_at": utcnow()}
-        with session_scope(self.db_url) as s:
-            result = s.execute(
-                update(Job)
-                .where(Job.id == self.job_id, Job.run_token == self.run_token, Job.state == "running")
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
-            if result.rowcount != 1:
-                raise LostOwnership(f"job {self.job_id} is no longer owned by this attempt")
-            s.add_all(self.points + self.logs)
-            for name, size in self.artifacts:
-                self._upsert_artifact(s, name, size)
+
+        def write() -> None:  # one transaction: a failed try rolled back entirely, so retrying is safe
+            with session_scope(self.db_url) as s:
+                result = s.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.run_token == self.run_token, Job.state == "running")
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+                if result.rowcount != 1:
+                    raise LostOwnership(f"job {self.job_id} is no longer owned by this attempt")
+                s.add_all([_copy(row) for row in self.points + self.logs])
+                for name, size, partial in self.artifacts:
+                    self._upsert_artifact(s, name, size, partial)
+
+        with_retry(write, "progress", self.retry)
         self.points, self.logs, self.artifacts = [], [], []
         self.writes += 1
 
-    def _upsert_artifact(self, s: Any, name: str, size: int) -> None:
+    def _upsert_artifact(self, s: Any, name: str, size: int, partial: bool = False) -> None:
         existing = s.execute(
             select(Artifact).where(Artifact.job_id == self.job_id, Artifact.name == name)
         ).scalar_one_or_none()
@@ -197,17 +219,19 @@ class JobReporter:
                     name=name,
                     kind=artifact_kind(name),
                     size_bytes=size,
+                    partial=partial,
                 )
             )
         else:
-            existing.size_bytes = size
+            existing.size_bytes, existing.partial = size, partial
 
-    def register_files(self, out_dir: Path, skip: set[str]) -> None:
-        """Queue every file of the job directory (but ``skip``) as an artifact."""
+    def register_files(self, out_dir: Path, skip: set[str], partial: bool = False) -> None:
+        """Queue every file of the job directory (but ``skip``) as an artifact; ``partial`` marks
+        what a cancelled run left (metrics and samples so far, no final model)."""
         for path in sorted(out_dir.rglob("*")):
             name = path.relative_to(out_dir).as_posix()
             if path.is_file() and name not in skip and not name.endswith(".tmp"):
-                self.artifacts.append((name, path.stat().st_size))
+                self.artifacts.append((name, path.stat().st_size, partial))
 
     def finish(self, state: str, **values: Any) -> None:
         """Write the final state (done, failed or cancelled) and tell subscribers.

@@ -20,6 +20,7 @@ from worker.events import Publisher
 from worker.models import Checkpoint, Job
 from worker.ownership import claim_job
 from worker.progress import Heartbeat, JobReporter, LostOwnership
+from worker.retry import with_retry
 
 log = logging.getLogger(__name__)
 NOT_ARTIFACTS = {"state.pt"}
@@ -55,15 +56,24 @@ def load_teacher(ckpt: Checkpoint):  # -> tuple[nn.Module, TeacherInfo]
 def run_quantize(job_id: str, settings: WorkerSettings) -> str:
     """Run (or resume) a job if this delivery may; returns what happened, for the task's result."""
     url = settings.resolved_database_url
-    with session_scope(url) as s:
-        claim = claim_job(s, job_id, settings.stale_after_s)
+
+    def claim_it():  # a claim whose commit failed changed nothing, so it can be retried
+        with session_scope(url) as s:
+            return claim_job(s, job_id, settings.stale_after_s)
+
+    claim = with_retry(claim_it, "claim", settings.retry_policy)
     if claim.outcome != "claimed":
         log.info("job %s not run: %s %s", job_id, claim.outcome, claim.reason)
         return claim.outcome
-    with session_scope(url) as s:
-        job = s.execute(select(Job).where(Job.id == job_id)).scalar_one()
-        ckpt = s.get(Checkpoint, job.checkpoint_id)
-        s.expunge_all()
+
+    def load() -> tuple[Job, Checkpoint]:
+        with session_scope(url) as s:
+            job = s.execute(select(Job).where(Job.id == job_id)).scalar_one()
+            ckpt = s.get(Checkpoint, job.checkpoint_id)
+            s.expunge_all()
+            return job, ckpt
+
+    job, ckpt = with_retry(load, "load job", settings.retry_policy)
     out = job_dir(settings, job_id)
     reporter = JobReporter(
         url,
@@ -75,6 +85,7 @@ def run_quantize(job_id: str, settings: WorkerSettings) -> str:
         settings.progress_interval_s,
         settings.publish_interval_s,
         settings.cancel_poll_s,
+        retry=settings.retry_policy,
     )
     with Heartbeat(url, job_id, claim.run_token, settings.heartbeat_s):
         return _attempt(job, ckpt, out, reporter)
@@ -93,6 +104,7 @@ def _attempt(job: Job, ckpt: Checkpoint, out: Path, reporter: JobReporter) -> st
         reporter.finish("done", report=report, error=None, error_phase=None)
         return "done"
     except Cancelled as exc:
+        reporter.register_files(out, NOT_ARTIFACTS, partial=True)  # kept, marked partial
         reporter.finish("cancelled", error=None, error_phase=None)
         log.info("job %s: %s", job.id, exc)
         return "cancelled"

@@ -30,6 +30,7 @@ def list_artifacts(job_id: str, request: Request, principal: PrincipalDep, sessi
             url=str(request.url_for("download_artifact", job_id=job_id, name=a.name)),
             kind=a.kind,
             size_bytes=a.size_bytes,
+            partial=a.partial,
         )
         for a in rows
     ]

@@ -14,7 +14,8 @@ from sqlalchemy.orm import Session
 from app.auth import Principal
 from app.deps import PrincipalDep, SessionDep, SettingsDep
 from app.owned import owned
-from app.schemas import BundledCheckpointIn, CheckpointOut, Page
+from app.quota import quota_message, remaining_bytes
+from app.schemas import DB_INT_MAX, BundledCheckpointIn, CheckpointOut, Page
 from app.settings import Settings
 from app.upload import UploadError, receive_upload
 from worker.celery_app import INTAKE_TASK
@@ -93,16 +94,31 @@ async def store_upload(
     return received if isinstance(received, JSONResponse) else received[0]
 
 
+async def _quota_left(request: Request, settings: Settings, principal: Principal) -> int | None:
+    def work() -> int | None:
+        with request.app.state.sessions() as session:
+            return remaining_bytes(session, principal.user_id, settings.user_quota_bytes)
+
+    return await anyio.to_thread.run_sync(work)
+
+
 async def receive_checkpoint(
     request: Request, settings: Settings, principal: Principal
 ) -> tuple[Checkpoint, dict[str, str]] | JSONResponse:
     """:func:`store_upload` plus the form's text fields (the dashboard's form carries its CSRF token)."""
     ckpt_id = new_id()
     folder = settings.checkpoints_dir / ckpt_id
+    cap, quota_left = settings.max_upload_bytes, await _quota_left(request, settings, principal)
+    if quota_left is not None and quota_left < cap:
+        cap = max(quota_left, 1)  # 413 past what the user may still store
     try:
-        up = await receive_upload(
-            request, folder / UPLOAD_FILE, settings.max_upload_bytes, settings.upload_chunk_bytes
-        )
+        try:
+            up = await receive_upload(request, folder / UPLOAD_FILE, cap, settings.upload_chunk_bytes)
+        except UploadError as exc:
+            if exc.status == 413 and cap != settings.max_upload_bytes:
+                used = settings.user_quota_bytes - (quota_left or 0)
+                raise UploadError(413, quota_message(settings.user_quota_bytes, used)) from None
+            raise
         arch = up.fields.get("arch", "").strip()
         if not arch:
             raise UploadError(422, "arch is required: a registry name such as resnet20 or resnet18", "arch")
@@ -123,7 +139,7 @@ async def receive_checkpoint(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=CheckpointOut,
     responses={
-        413: {"description": "upload larger than DFQ_MAX_UPLOAD_BYTES"},
+        413: {"description": "upload larger than DFQ_MAX_UPLOAD_BYTES or the user's disk quota"},
         422: {"description": "missing field"},
     },
     openapi_extra={
@@ -204,8 +220,8 @@ def list_checkpoints(
     session: SessionDep,
     settings: SettingsDep,
     state: Annotated[str | None, Query(description="pending | ready | rejected")] = None,
-    limit: Annotated[int, Query(ge=1)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=DB_INT_MAX)] = 50,
+    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
 ):
     limit = min(limit, settings.page_size_max)
     q = select(Checkpoint).where(Checkpoint.owner_id == principal.user_id)

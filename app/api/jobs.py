@@ -15,7 +15,9 @@ from app.auth import Principal
 from app.deps import PrincipalDep, SessionDep, SettingsDep
 from app.overrides import merge_overrides
 from app.owned import owned
-from app.schemas import HEADLINE_KEYS, JobClone, JobCreate, JobOut, LogLine, MetricPointOut, Page
+from app.quota import quota_exceeded
+from app.ratelimit import RateLimited
+from app.schemas import DB_INT_MAX, HEADLINE_KEYS, JobClone, JobCreate, JobOut, LogLine, MetricPointOut, Page
 from dfq.spec import JobSpec
 from worker.celery_app import QUANTIZE_TASK
 from worker.models import JOB_STATES, TERMINAL_STATES, Checkpoint, Job, JobLog, MetricPoint, new_id, utcnow
@@ -42,6 +44,7 @@ def job_out(job: Job) -> JobOut:
         cloned_from=job.cloned_from, spec=job.spec,
         result={k: report[k] for k in HEADLINE_KEYS if k in report} if report else None,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        pinned=bool(job.pinned), artifacts_expired_at=job.artifacts_expired_at,
     )  # fmt: skip
 
 
@@ -71,8 +74,20 @@ def enqueue(
     ckpt: Checkpoint,
     cloned_from: str | None = None,
 ) -> Job:
-    """Insert the ``queued`` row, then send the task; if the broker is down, nothing is kept (503)."""
+    """Insert the ``queued`` row, then send the task; if the broker is down, nothing is kept (503).
+    Over the per-token submission limit: 429 with ``Retry-After``, nothing inserted."""
     settings = request.app.state.settings
+    limiter = request.app.state.submit_limiter
+    key = f"token:{principal.token_id}" if principal.token_id is not None else f"user:{principal.user_id}"
+    try:
+        limiter.hit(key)
+    except RateLimited as exc:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS, str(exc), headers={"Retry-After": str(exc.retry_after_s)}
+        ) from None
+    over = quota_exceeded(session, principal.user_id, settings.user_quota_bytes)
+    if over:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, over)
     job = Job(
         id=new_id(), owner_id=principal.user_id, checkpoint_id=ckpt.id, spec=spec.canonical(), state="queued",
         total=spec.budget.total_iters, max_attempts=settings.max_attempts, cloned_from=cloned_from,
@@ -108,8 +123,8 @@ def list_jobs(
     settings: SettingsDep,
     state: Annotated[list[str] | None, Query(description="filter; repeat for several states")] = None,
     checkpoint_id: str | None = None,
-    limit: Annotated[int, Query(ge=1)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=DB_INT_MAX)] = 50,
+    offset: Annotated[int, Query(ge=0, le=DB_INT_MAX)] = 0,
 ):
     """Your jobs, newest first."""
     bad = [s for s in state or [] if s not in JOB_STATES]
@@ -151,6 +166,27 @@ def cancel_job(job_id: str, principal: PrincipalDep, session: SessionDep):
     return job_out(job)
 
 
+@router.post("/{job_id}/pin", response_model=JobOut)
+def pin_job(job_id: str, principal: PrincipalDep, session: SessionDep):
+    """Keep this job's artifacts past the retention period (DFQ_RETENTION_DAYS)."""
+    return _set_pinned(session, principal, job_id, True)
+
+
+@router.post("/{job_id}/unpin", response_model=JobOut)
+def unpin_job(job_id: str, principal: PrincipalDep, session: SessionDep):
+    """Let the retention policy remove this job's artifacts once they are old enough."""
+    return _set_pinned(session, principal, job_id, False)
+
+
+def _set_pinned(session: Session, principal: Principal, job_id: str, pinned: bool) -> JobOut:
+    job = owned_job(session, principal, job_id)
+    job.pinned = pinned
+    session.add(JobLog(job_id=job.id, message="pinned" if pinned else "unpinned"))
+    session.commit()
+    session.refresh(job)
+    return job_out(job)
+
+
 @router.post("/{job_id}/clone", status_code=status.HTTP_201_CREATED, response_model=JobOut)
 def clone_job(job_id: str, body: JobClone, request: Request, principal: PrincipalDep, session: SessionDep):
     """A new job with the original's spec and ``overrides`` merged in (shorthand accepted)."""
@@ -184,7 +220,7 @@ def job_logs(
     job_id: str,
     principal: PrincipalDep,
     session: SessionDep,
-    after: int = 0,
+    after: Annotated[int, Query(ge=-DB_INT_MAX, le=DB_INT_MAX)] = 0,
     limit: Annotated[int, Query(ge=1, le=5000)] = 1000,
 ):
     """What happened to the job (attempts, phases, evaluations, errors); ``after`` pages by id."""
@@ -201,10 +237,11 @@ def job_metrics(
     principal: PrincipalDep,
     session: SessionDep,
     kind: Annotated[str | None, Query(description="step | eval")] = None,
-    after_step: int = -1,
+    after_step: Annotated[int, Query(ge=-DB_INT_MAX, le=DB_INT_MAX)] = -1,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
     stride: Annotated[
-        int, Query(ge=1, description="only steps divisible by this (thins long runs for charts)")
+        int,
+        Query(ge=1, le=DB_INT_MAX, description="only steps divisible by this (thins long runs for charts)"),
     ] = 1,
 ):
     """The time series of every logged loss and diagnostic (``kind=step``) and evaluation (``eval``)."""

@@ -15,6 +15,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the format's own cap on the JSON header
+ZIP_MAX_EXPANSION = 4  # declared uncompressed size / file size beyond which a zip is refused
+ZIP_SLACK_BYTES = 1 << 20
+BN_STATS = ("running_mean", "running_var")
 
 
 class CheckpointError(ValueError):
@@ -58,9 +61,11 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     elif kind == "zip":
         try:
             with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except zipfile.BadZipFile:
+                entries = zf.infolist()
+        except (zipfile.BadZipFile, OSError, ValueError):
             raise CheckpointError("corrupt zip archive: not a readable torch checkpoint") from None
+        names = [e.filename for e in entries]
+        _refuse_zip_bomb(entries, path.stat().st_size)
         if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
             raise CheckpointError(
                 "TorchScript archives are not accepted; save the model's state_dict() instead"
@@ -81,6 +86,17 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         raise CheckpointError("not a checkpoint: expected a safetensors file or a torch.save zip file")
     return _as_state_dict(state)
+
+
+def _refuse_zip_bomb(entries: list[zipfile.ZipInfo], file_size: int) -> None:
+    """torch.save stores its entries uncompressed, so a checkpoint never expands much beyond its
+    own size; an archive that claims to is built to exhaust memory or disk when read."""
+    declared = sum(e.file_size for e in entries)
+    if declared > ZIP_MAX_EXPANSION * file_size + ZIP_SLACK_BYTES:
+        raise CheckpointError(
+            f"zip archive expands to {declared} bytes from a {file_size}-byte file (a zip bomb?); "
+            "torch.save checkpoints are stored uncompressed"
+        )
 
 
 def _as_state_dict(obj: object) -> dict[str, torch.Tensor]:
@@ -111,6 +127,12 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], arch: str
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
+    if any(k.endswith(BN_STATS) for k in missing) and not any(k.endswith(BN_STATS) for k in state):
+        raise CheckpointError(
+            f"the checkpoint has no BatchNorm running statistics ({len(missing)} keys of {arch!r} "
+            f"missing, e.g. {', '.join(missing[:2])}): generative data-free quantization needs a "
+            "model trained with BatchNorm"
+        )
     if missing or unexpected or shapes:
         parts = []
         if missing:

@@ -41,6 +41,7 @@ class Proc:
     argv: list[str]
     popen: subprocess.Popen
     log: Path
+    env: dict[str, str] | None = None  # overrides the stack's environment for this process
 
     def kill_group(self, sig: int = signal.SIGKILL) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -61,15 +62,25 @@ class Stack:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, name: str, argv: list[str]) -> Proc:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
         log = self.data_dir.parent / f"{self.kind}-{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         out = log.open("ab")
         popen = subprocess.Popen(
-            argv, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.procs[name] = Proc(name, argv, popen, log)
+            argv, cwd=REPO, env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        self.procs[name] = Proc(name, argv, popen, log, env)
         return self.procs[name]
+
+    def restart(self, name: str, sig: int = signal.SIGKILL) -> int:
+        """Kill process ``name`` (its whole group) and start it again; returns the old log size."""
+        proc = self.procs[name]
+        proc.kill_group(sig)
+        proc.popen.wait()
+        offset = proc.log.stat().st_size
+        self.start(name, proc.argv, proc.env)
+        return offset
 
     def run(self, argv: list[str]) -> str:
         out = subprocess.run(argv, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=120)

@@ -217,6 +217,9 @@ def test_cancel_a_running_job(stack, api, teacher):
         time.sleep(0.05)
     assert j["state"] == "cancelled" and j["step"] < j["total"] and j["error"] is None
     assert (stack.data_dir / "jobs" / job["id"] / "state.pt").exists()  # resumable if re-run
+    arts = {a["name"]: a for a in api.get(f"/api/v1/jobs/{job['id']}/artifacts").json()}
+    assert "metrics.jsonl" in arts and all(a["partial"] for a in arts.values())  # kept, marked partial
+    assert "state.pt" not in arts and "quantized.safetensors" not in arts
 
 
 def _pid(job) -> int:
