@@ -18,6 +18,7 @@ from app.api.checkpoints import add_bundled as api_add_bundled
 from app.api.jobs import enqueue, owned_job, ready_checkpoint
 from app.auth import Principal
 from app.bundled import manifest
+from app.bundled import names as bundled_names
 from app.sessions import CSRF_FIELD
 from app.web import specform
 from app.web.render import check_csrf, render, require_login
@@ -123,7 +124,7 @@ def _form_page(
 ) -> Response:
     context = {
         "checkpoints": _checkpoints(request, principal),
-        "bundled": sorted(manifest()),
+        "bundled": bundled_names(),
         "values": values,
         "blocks": blocks,
         "errors": errors or {},

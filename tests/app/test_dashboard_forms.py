@@ -82,3 +82,9 @@ def test_error_field_walks_up_to_the_nearest_known_name():
     assert specform.error_field(("quant", "a_bits"), names) == "bits"
     assert specform.error_field(("method", "dsg"), names) == "method.dsg"
     assert specform.error_field(("nothing",), names) == ""
+
+
+def test_bundled_teachers_offer_the_quick_one_first():
+    from app.bundled import DEFAULT_TEACHER, manifest, names
+
+    assert names()[0] == DEFAULT_TEACHER and sorted(names()) == sorted(manifest())
