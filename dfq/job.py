@@ -120,6 +120,7 @@ def run_job(
     finally:
         metrics_file.close()
 
+    _check_converged(pipe.student, pipe.step)
     report = finish_report(pipe, info, spec, eval_set, device)
     report.update(
         {
@@ -140,6 +141,21 @@ def run_job(
     write_artifacts(pipe, info, spec, out, report)
     state_path.unlink(missing_ok=True)
     return report
+
+
+class DivergedError(ValueError):
+    """The student's weights became non-finite: there is no model worth evaluating or exporting."""
+
+
+def _check_converged(student: nn.Module, step: int) -> None:
+    """Fail with the cause, not with an export error downstream (NaN weights cannot be packed)."""
+    bad = [n for n, p in student.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise DivergedError(
+            f"the student diverged: {len(bad)} parameter tensor(s) are non-finite after step {step} "
+            f"(first: {bad[0]}); metrics.jsonl shows where its loss blew up. Lower budget.lr_s "
+            "(e.g. 1e-4) and run again with --force"
+        )
 
 
 def finish_report(

@@ -102,3 +102,16 @@ def test_without_labelled_set_reports_synthetic_agreement(tmp_path):
     )
     report = run_job(spec, (model, info), tmp_path)
     assert report["q_top1"] is None and 0 <= report["agreement_synthetic"] <= 100
+
+
+def test_a_diverged_student_fails_with_its_cause():
+    from torch import nn
+
+    from dfq.job import DivergedError, _check_converged
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    _check_converged(model, 5)  # finite: nothing to say
+    with torch.no_grad():
+        model[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(DivergedError, match=r"non-finite after step 5 \(first: 0.weight\).*lr_s"):
+        _check_converged(model, 5)
