@@ -78,7 +78,7 @@ def _apply_preset(data: Any, presets: dict[str, dict], kind: str) -> Any:
         data = {"preset": data}
     if isinstance(data, dict) and data.get("preset") is not None:
         name = data["preset"]
-        if name not in presets:
+        if not isinstance(name, str) or name not in presets:  # a list here must be a 422, not a TypeError
             raise ValueError(f"unknown {kind} preset {name!r}; known: {', '.join(presets)}")
         data = {**presets[name], **data}
     return data
