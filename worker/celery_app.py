@@ -21,6 +21,7 @@ from typing import Any
 
 from celery import Celery
 
+from worker import fs_broker
 from worker.config import WorkerSettings, get_worker_settings
 
 INTAKE_TASK, QUANTIZE_TASK = "dfq.intake", "dfq.quantize"
@@ -30,6 +31,7 @@ INTAKE_QUEUE, GPU_QUEUE = "intake", "gpu"
 def transport_options(settings: WorkerSettings) -> dict[str, Any]:
     """Broker options: filesystem folders for the embedded default, visibility timeout for Redis."""
     if settings.resolved_broker_url.startswith("filesystem"):
+        fs_broker.install()
         queue, control = settings.broker_dir / "queue", settings.broker_dir / "control"
         for folder in (queue, control):
             folder.mkdir(parents=True, exist_ok=True)

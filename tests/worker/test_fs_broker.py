@@ -1,0 +1,34 @@
+"""The embedded broker's message files appear whole: written under a '.part' name, then renamed."""
+
+from __future__ import annotations
+
+import os
+
+from kombu import Connection
+from kombu.transport import filesystem
+
+from worker import fs_broker
+
+
+def test_messages_round_trip_and_no_partial_file_is_ever_visible_under_a_queue_name(tmp_path, monkeypatch):
+    fs_broker.install()
+    assert filesystem.Channel._put is fs_broker._atomic_put
+    seen: list[list[str]] = []
+    real_replace = os.replace
+
+    def spying_replace(src, dst):  # what a polling reader could see just before the rename
+        seen.append(sorted(os.listdir(tmp_path)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fs_broker.os, "replace", spying_replace)
+    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path)}
+    with Connection("filesystem://", transport_options=options) as conn:
+        queue = conn.SimpleQueue("gpu")
+        queue.put({"job": "abc", "n": 1})
+        assert seen and all(name.endswith(".gpu.msg.part") for name in seen[0])  # not a '.gpu.msg' yet
+        assert [n for n in os.listdir(tmp_path) if n.endswith(".gpu.msg")]
+        message = queue.get(timeout=5)
+        assert message.payload == {"job": "abc", "n": 1}
+        message.ack()
+        queue.close()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".part")]
