@@ -21,7 +21,12 @@ def test_messages_round_trip_and_no_partial_file_is_ever_visible_under_a_queue_n
         real_replace(src, dst)
 
     monkeypatch.setattr(fs_broker.os, "replace", spying_replace)
-    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path)}
+    control = tmp_path.parent / f"{tmp_path.name}-control"  # kombu's default is ./control
+    options = {
+        "data_folder_in": str(tmp_path),
+        "data_folder_out": str(tmp_path),
+        "control_folder": str(control),
+    }
     with Connection("filesystem://", transport_options=options) as conn:
         queue = conn.SimpleQueue("gpu")
         queue.put({"job": "abc", "n": 1})
