@@ -29,13 +29,10 @@ def test_messages_round_trip_and_no_partial_file_is_ever_visible_under_a_queue_n
         "control_folder": str(control),
     }
     with Connection("filesystem://", transport_options=options) as conn:
-        name = f"gpu-{uuid.uuid4().hex[:8]}"  # a fresh exchange/queue: no binding left by another test
-        queue = conn.SimpleQueue(name)
-        queue.put({"job": "abc", "n": 1})
-        assert seen and all(f.endswith(f".{name}.msg.part") for f in seen[0])  # not a '.gpu.msg' yet
+        channel = conn.default_channel  # the transport's own put/get, no exchange routing involved
+        name = f"gpu-{uuid.uuid4().hex[:8]}"
+        channel._put(name, {"job": "abc", "n": 1})
+        assert seen and all(f.endswith(f".{name}.msg.part") for f in seen[0])  # not a '.msg' yet
         assert [f for f in os.listdir(tmp_path) if f.endswith(f".{name}.msg")]
-        message = queue.get(timeout=5)
-        assert message.payload == {"job": "abc", "n": 1}
-        message.ack()
-        queue.close()
+        assert channel._get(name) == {"job": "abc", "n": 1}
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".part")]
