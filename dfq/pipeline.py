@@ -102,6 +102,18 @@ def _grads_finite(module: nn.Module) -> bool:
     return bool(torch.isfinite(torch.stack([g.abs().sum() for g in grads]).sum())) if grads else True
 
 
+def _student_grad_norm(student: nn.Module, clip: float | None) -> float:
+    """The global L2 norm of the student's gradient (before clipping), clipped to ``clip`` if set.
+
+    Logged at every step because it is the first sign of a student about to diverge; clipping is off
+    unless ``budget.clip_grad_s`` asks for it (no reference clips).
+    """
+    params = [p for p in student.parameters() if p.grad is not None]
+    if clip is None:
+        return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+    return float(torch.nn.utils.clip_grad_norm_(params, clip))
+
+
 class Pipeline:
     """One run's models, optimizers and counters (state is real here, hence a class)."""
 
@@ -137,6 +149,7 @@ class Pipeline:
             m.latent_dim,
             lka=bool(m.lrq and m.lrq.lka),
             center_condition=m.acq is not None,
+            fused_upsample=spec.speed.fused_upsample,
         ).to(self.device)
         self.objective = GeneratorObjective(
             spec, self.teacher, num_classes, self.input_shape, self.device, calib_set, preprocess
@@ -253,9 +266,11 @@ class Pipeline:
             with autocast(self.device, self.spec.speed.bf16):
                 s_logits = as_float32(self.student(x))
             loss_s, s_parts = student_loss(self.spec.method, s_logits, t, labels, epoch, b.epochs)
+        grad_norm = None
         if not in_warmup:
             self.opt_s.zero_grad(set_to_none=True)
             loss_s.backward()
+            grad_norm = _student_grad_norm(self.student, b.clip_grad_s)
             self.opt_s.step()
         metrics = {
             "g_loss": loss_g.item(),
@@ -268,6 +283,8 @@ class Pipeline:
             **{k: float(v) for k, v in s_parts.items()},
             **extra,
         }
+        if grad_norm is not None:
+            metrics["s_grad_norm"] = grad_norm
         if not finite:
             metrics["g_skipped"] = 1.0
         return metrics

@@ -342,6 +342,12 @@ class BudgetSpec(_Strict):
         default_factory=list, description="epochs at which both lrs are multiplied by lr_gamma"
     )
     lr_gamma: float = Field(0.1, gt=0, le=1)
+    clip_grad_s: float | None = Field(
+        None,
+        gt=0,
+        description="clip the student's gradient to this global L2 norm before each step (None: no "
+        "clipping, as every reference; the norm is logged as s_grad_norm either way)",
+    )
     eval_every: int = Field(
         0, ge=0, description="evaluate on the labelled set every N epochs (0: only at the end)"
     )
@@ -386,6 +392,11 @@ class SpeedSpec(_Strict):
         True,
         description="NHWC tensors for teacher, student and generator (oneDNN/cuDNN's fast layout; same "
         "math, float sums reassociated)",
+    )
+    fused_upsample: bool = Field(
+        True,
+        description="the generator's nearest-upsample + 3x3 conv pairs as one stride-2 transposed conv "
+        "(dfq/synth/upconv.py: the same linear map with 4/9 of the multiply-adds; float sums reassociated)",
     )
     bf16: bool = Field(
         False,

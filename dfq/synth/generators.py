@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfq.synth.lrq import LargeKernelAttention
+from dfq.synth.upconv import upsample_conv
 
 
 class ConditionalBatchNorm2d(nn.Module):
@@ -39,8 +40,12 @@ class _GeneratorBase(nn.Module):
         latent_dim: int,
         lka: bool = False,
         center_condition: bool = False,
+        fused_upsample: bool = True,
     ) -> None:
         super().__init__()
+        # upsample+conv pairs as one transposed conv (dfq/synth/upconv.py): same map, a plain attribute
+        # so checkpoints do not depend on it
+        self.fused_upsample = fused_upsample
         self.num_classes, self.image_shape, self.latent_dim = num_classes, tuple(image_shape), latent_dim
         _, h, w = image_shape
         self.init_hw = (math.ceil(h / 4), math.ceil(w / 4))
@@ -57,6 +62,9 @@ class _GeneratorBase(nn.Module):
         if c is None:
             raise ValueError("this generator is center-conditioned (ACQ): pass centers c")
         return h + self.center_fc(c)
+
+    def _up_conv(self, x: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+        return upsample_conv(x, conv, self.fused_upsample)
 
     @staticmethod
     def _maybe(block: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
@@ -96,9 +104,10 @@ class GDFQGenerator(_GeneratorBase):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         out = self.l1(self._condition(self.label_emb(y) * z, c)).view(z.shape[0], 128, *self.init_hw)
-        img = F.interpolate(self.conv_blocks0(out), scale_factor=2)
-        img = F.interpolate(self._maybe(self.lka1, self.conv_blocks1(img)), scale_factor=2)
-        img = self._maybe(self.lka2, self.conv_blocks2[:3](img))
+        img = self.conv_blocks1[1:](self._up_conv(self.conv_blocks0(out), self.conv_blocks1[0]))
+        img = self._maybe(self.lka1, img)
+        img = self.conv_blocks2[1:3](self._up_conv(img, self.conv_blocks2[0]))
+        img = self._maybe(self.lka2, img)
         return self._fit(self.conv_blocks2[3:](img))
 
 
@@ -119,10 +128,10 @@ class CBNGenerator(_GeneratorBase):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         out = self.l1(self._condition(z, c)).view(z.shape[0], 128, *self.init_hw)
-        img = F.interpolate(self.bn0(out, y), scale_factor=2)
-        img = self._maybe(self.lka1, F.leaky_relu(self.bn1(self.conv1(img), y), 0.2))
-        img = F.interpolate(img, scale_factor=2)
-        img = self._maybe(self.lka2, F.leaky_relu(self.bn2(self.conv2(img), y), 0.2))
+        img = self._up_conv(self.bn0(out, y), self.conv1)
+        img = self._maybe(self.lka1, F.leaky_relu(self.bn1(img, y), 0.2))
+        img = self._up_conv(img, self.conv2)
+        img = self._maybe(self.lka2, F.leaky_relu(self.bn2(img, y), 0.2))
         return self._fit(self.bn_out(torch.tanh(self.conv3(img))))
 
 
@@ -136,9 +145,17 @@ def build_generator(
     latent_dim: int = 100,
     lka: bool = False,
     center_condition: bool = False,
+    fused_upsample: bool = True,
 ) -> nn.Module:
     try:
         cls = GENERATORS[kind]
     except KeyError:
         raise ValueError(f"unknown generator {kind!r}; known: {', '.join(GENERATORS)}") from None
-    return cls(num_classes, tuple(image_shape), latent_dim, lka=lka, center_condition=center_condition)
+    return cls(
+        num_classes,
+        tuple(image_shape),
+        latent_dim,
+        lka=lka,
+        center_condition=center_condition,
+        fused_upsample=fused_upsample,
+    )

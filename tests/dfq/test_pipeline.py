@@ -82,3 +82,26 @@ def test_teacher_without_batchnorm_is_refused(tiny_spec):
     )
     with pytest.raises(ValueError, match="no BatchNorm"):
         _pipe(tiny_spec, net)
+
+
+def _student_step(spec, teacher, **budget):
+    spec = spec.model_copy(update={"budget": spec.budget.model_copy(update=budget)})
+    pipe = Pipeline(spec, teacher, 10, (1, 28, 28), "cpu")
+    pipe.step = spec.budget.warmup_epochs * spec.budget.iters_per_epoch  # past warm-up: S steps
+    set_calibration(pipe.student, True)
+    metrics = pipe.train_step()
+    grads = [p.grad for p in pipe.student.parameters() if p.grad is not None]
+    return metrics, float(torch.nn.utils.get_total_norm(grads))
+
+
+def test_student_gradient_norm_is_logged_and_clipped_only_when_asked(tiny_teacher, tiny_spec):
+    pipe = Pipeline(tiny_spec, tiny_teacher, 10, (1, 28, 28), "cpu")
+    set_calibration(pipe.student, True)
+    assert "s_grad_norm" not in pipe.train_step()  # warm-up: the student has no gradient
+    free, free_norm = _student_step(tiny_spec, tiny_teacher)
+    assert free["s_grad_norm"] == pytest.approx(free_norm, rel=1e-6) and free_norm > 0
+    clip = free_norm / 10
+    clipped, clipped_norm = _student_step(tiny_spec, tiny_teacher, clip_grad_s=clip)
+    # the same state and batch, so the same raw norm is logged; the step used the clipped gradient
+    assert clipped["s_grad_norm"] == pytest.approx(free_norm, rel=1e-5)
+    assert clipped_norm == pytest.approx(clip, rel=1e-4)
