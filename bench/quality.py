@@ -16,12 +16,22 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dfq.models.teachers import read_manifest  # noqa: E402
+
+
+def parse_method(arg: str) -> tuple[str, str | dict]:
+    """``acq`` (a preset, combinable with '+') or ``label={"preset": "gdfq", "acq": {...}}`` (a custom
+    MethodSpec under a short label, for ablations)."""
+    if "=" not in arg:
+        return arg, arg
+    label, text = arg.split("=", 1)
+    return label, json.loads(text)
 
 
 def run_one(
@@ -34,11 +44,17 @@ def run_one(
     extra: dict,
     threads: int | None,
 ) -> dict:
+    """One ``dfq quantize`` process; a run that fails (e.g. a diverged student) is returned as a failure
+    row with its error, so the other runs of the benchmark still happen."""
+    label, method_spec = parse_method(method)
     # Overrides make the tag unique but unreadable; a short hash keeps directory names plain.
-    digest = hashlib.sha1(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]
-    tag = f"{teacher}-{method}-{bits}-{budget}-s{seed}" + (f"-x{digest}" if extra else "")
+    payload = [extra, method_spec] if isinstance(method_spec, dict) else extra  # presets: tags as before
+    digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
+    custom = extra or isinstance(method_spec, dict)
+    tag = f"{teacher}-{label}-{bits}-{budget}-s{seed}" + (f"-x{digest}" if custom else "")
     out = runs_dir / tag
-    spec = {"method": method, "bits": bits, "budget": budget, "seed": seed, "eval": "fashion-mnist", **extra}
+    spec = {"method": method_spec, "bits": bits, "budget": budget, "seed": seed, "eval": "fashion-mnist"}
+    spec = _merge(spec, extra)
     cmd = [
         sys.executable,
         "-m",
@@ -57,8 +73,20 @@ def run_one(
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{tag} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1])
+        print(f"  {tag}: FAILED ({error})", flush=True)
+        return {
+            "failed": True,
+            "error": error,
+            "tag": tag,
+            "label": label,
+            "teacher": teacher,
+            "bits": bits,
+            "seed": seed,
+        }
     report = json.loads((out / "report.json").read_text())
+    report["label"] = label
     print(
         f"  {tag}: q_top1 {report['q_top1']:.2f} (FP {report['fp_top1']:.2f}) in {time.time() - t0:.0f}s",
         flush=True,
@@ -74,11 +102,29 @@ def _stats(values: list[float]) -> dict[str, float]:
     }
 
 
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def aggregate(reports: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
+    failures = [r for r in reports if r.get("failed")]
     for r in reports:
-        groups.setdefault((r["teacher"]["name"], r["method"], r["bits"], r["layers"]), []).append(r)
-    rows = []
+        if not r.get("failed"):
+            groups.setdefault((r["teacher"]["name"], r["label"], r["bits"], r["layers"]), []).append(r)
+    rows = [
+        {
+            "teacher": f["teacher"],
+            "method": f["label"],
+            "bits": f["bits"],
+            "seeds": [f["seed"]],
+            "failed": f["error"],
+        }
+        for f in failures
+    ]
     for (teacher, method, bits, layers), rs in groups.items():
         rows.append(
             {
@@ -115,6 +161,11 @@ def markdown(rows: list[dict], budget: str) -> str:
     )
     lines = []
     for r in rows:
+        if r.get("failed"):
+            lines.append(
+                f"| {r['teacher']} | {r['method']} | {r['bits']} | | | **failed** (seed {r['seeds'][0]}): {r['failed']} | | | | | |"
+            )
+            continue
 
         def pm(s):
             return (
@@ -128,6 +179,7 @@ def markdown(rows: list[dict], budget: str) -> str:
             f"{pm(r['q_top1_best_epoch'])} | {pm(r['agreement'])} | {r['wall_s']['mean']:.0f} | {r['it_per_s']['mean']:.2f} | {r['peak_mem_mb']:.0f} |"
         )
     seeds = sorted({s for r in rows for s in r["seeds"]})
+    rows = [r for r in rows if not r.get("failed")]
     foot = (
         f"\nBudget `{budget}`, seeds {seeds} (mean ± sample std where n > 1), KD reduction `{rows[0]['kd_reduction'] if rows else ''}`, "
         f"activation ranges `{rows[0]['act_range'] if rows else ''}`. Final-epoch top-1 on the full Fashion-MNIST test set (10,000 images).\n"
@@ -148,19 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench"))
     p.add_argument("--name", default=None, help="results file stem (default quality-<budget>)")
     p.add_argument("--extra", default="{}", help="JSON merged into every spec (e.g. overrides)")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (each with --threads)")
     args = p.parse_args(argv)
     teachers = args.teachers or sorted(read_manifest())
     extra = json.loads(args.extra)
-    reports = []
-    for teacher in teachers:
-        for method in args.methods:
-            for bits in args.bits:
-                for seed in args.seeds:
-                    reports.append(
-                        run_one(
-                            teacher, method, bits, args.budget, seed, Path(args.runs_dir), extra, args.threads
-                        )
-                    )
+    jobs = [
+        (teacher, method, bits, args.budget, seed, Path(args.runs_dir), extra, args.threads)
+        for teacher in teachers
+        for method in args.methods
+        for bits in args.bits
+        for seed in args.seeds
+    ]
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:  # each run is its own process
+        reports = list(pool.map(lambda job: run_one(*job), jobs))
     rows = aggregate(reports)
     stem = args.name or f"quality-{args.budget}"
     results = ROOT / "bench" / "results"
@@ -171,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, args.budget + (f" + overrides {json.dumps(extra)}" if extra else ""))
     (results / f"{stem}.md").write_text(table)
     print(table)
-    return 0
+    return 1 if any(r.get("failed") for r in reports) else 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dfq.data import LabelledSet, load_eval_set
 from dfq.evaluate import agreement_on, evaluate_pair, layer_errors
 from dfq.images import save_grid
 from dfq.models.teachers import TeacherInfo, resolve_teacher
-from dfq.pipeline import Event, Pipeline, resolve_device
+from dfq.pipeline import DivergedError, Event, Pipeline, resolve_device
 from dfq.quant import activation_ranges
 from dfq.quant.export import export_all
 from dfq.spec import JobSpec
@@ -143,10 +143,6 @@ def run_job(
     return report
 
 
-class DivergedError(ValueError):
-    """The student's weights became non-finite: there is no model worth evaluating or exporting."""
-
-
 def _check_converged(student: nn.Module, step: int) -> None:
     """Fail with the cause, not with an export error downstream (NaN weights cannot be packed)."""
     bad = [n for n, p in student.named_parameters() if not torch.isfinite(p).all()]
@@ -154,7 +150,7 @@ def _check_converged(student: nn.Module, step: int) -> None:
         raise DivergedError(
             f"the student diverged: {len(bad)} parameter tensor(s) are non-finite after step {step} "
             f"(first: {bad[0]}); metrics.jsonl shows where its loss blew up. Lower budget.lr_s "
-            "(e.g. 1e-4) and run again with --force"
+            "(e.g. 1e-4) or set budget.clip_grad_s, and run again with --force"
         )
 
 

@@ -8,6 +8,7 @@ and continues bit-for-bit as if it had never stopped (on CPU).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -102,6 +103,10 @@ def _grads_finite(module: nn.Module) -> bool:
     return bool(torch.isfinite(torch.stack([g.abs().sum() for g in grads]).sum())) if grads else True
 
 
+class DivergedError(ValueError):
+    """The student's gradient or weights became non-finite: nothing worth evaluating or exporting."""
+
+
 def _student_grad_norm(student: nn.Module, clip: float | None) -> float:
     """The global L2 norm of the student's gradient (before clipping), clipped to ``clip`` if set.
 
@@ -158,7 +163,7 @@ class Pipeline:
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=b.lr_g, betas=tuple(b.g_betas))
         self.opt_s = torch.optim.SGD(
             self.student.parameters(),
-            lr=b.lr_s,
+            lr=b.lr_s * m.lr_s_scale,
             momentum=b.momentum,
             nesterov=b.nesterov,
             weight_decay=b.weight_decay,
@@ -271,6 +276,13 @@ class Pipeline:
             self.opt_s.zero_grad(set_to_none=True)
             loss_s.backward()
             grad_norm = _student_grad_norm(self.student, b.clip_grad_s)
+            if not math.isfinite(grad_norm):  # stop before the step: the last checkpoint stays usable
+                raise DivergedError(
+                    f"the student diverged: its gradient is non-finite at step {self.step + 1} "
+                    f"(student loss {loss_s.item():.4g}); metrics.jsonl shows where its loss grew. "
+                    "Lower budget.lr_s (or method.lr_s_scale) or set budget.clip_grad_s, and run again "
+                    "with --force"
+                )
             self.opt_s.step()
         metrics = {
             "g_loss": loss_g.item(),

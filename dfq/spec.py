@@ -230,6 +230,14 @@ class MethodSpec(_Strict):
         "mean", description="KLDiv reduction: mean over N*C (GDFQ) or batchmean (IntraQ/HAST/FDDA)"
     )
     s_ce_weight: float = Field(1.0, ge=0, description="weight of CE(S(x), y) in L_S")
+    lr_s_scale: float = Field(
+        1.0,
+        gt=0,
+        le=100,
+        description="the student's lr is budget.lr_s times this: budgets state lr_s for GDFQ's L_S, and "
+        "a method whose L_S has larger gradients (FDDA's batchmean KD x20, LRQ's DKD) needs a smaller step "
+        "at the same budget (docs/methods.md)",
+    )
     dsg: DSGSpec | None = None
     fdda: FDDASpec | None = None
     acq: ACQSpec | None = None

@@ -105,3 +105,19 @@ def test_student_gradient_norm_is_logged_and_clipped_only_when_asked(tiny_teache
     # the same state and batch, so the same raw norm is logged; the step used the clipped gradient
     assert clipped["s_grad_norm"] == pytest.approx(free_norm, rel=1e-5)
     assert clipped_norm == pytest.approx(clip, rel=1e-4)
+
+
+def test_a_non_finite_student_gradient_stops_the_run_before_the_step(tiny_teacher, tiny_spec):
+    from dfq.pipeline import DivergedError
+
+    pipe = Pipeline(tiny_spec, tiny_teacher, 10, (1, 28, 28), "cpu")
+    pipe.step = tiny_spec.budget.warmup_epochs * tiny_spec.budget.iters_per_epoch
+    set_calibration(pipe.student, True)
+    pipe.train_step()  # calibrates activation ranges on a finite student
+    with torch.no_grad():
+        pipe.student.fc.bias[0] = float("inf")  # logits (and so the loss) become non-finite
+    before = {k: v.detach().clone() for k, v in pipe.student.named_parameters()}
+    with pytest.raises(DivergedError, match=rf"gradient is non-finite at step {pipe.step + 1} .*clip_grad_s"):
+        pipe.train_step()
+    after = dict(pipe.student.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no SGD step was taken
