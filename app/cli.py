@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,6 +96,51 @@ def _stop(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
             p.wait()
 
 
+def _asked_to_stop(returncode: int) -> bool:
+    """A worker that exits 0 or by SIGTERM/SIGINT was stopped on purpose (Ctrl-C reaches the whole
+    process group); anything else (SIGKILL by the OOM killer, a crash) is a death to repair."""
+    return returncode in (0, -signal.SIGTERM, -signal.SIGINT)
+
+
+def supervise(
+    procs: list[subprocess.Popen],
+    commands: list[list[str]],
+    stop: threading.Event,
+    poll_s: float = 1.0,
+    min_uptime_s: float = 30.0,
+    base_delay_s: float = 1.0,
+    max_delay_s: float = 60.0,
+) -> None:
+    """Restart the workers `dfq serve` started when one dies, until ``stop`` is set.
+
+    Without this, one dead worker process leaves every later job queued forever on the embedded
+    stack (there is no compose or systemd around it). The job the dead worker held is recovered by the
+    reaper (re-queued from its checkpoint); this only brings back a process to run it. A worker that dies
+    again within ``min_uptime_s`` of its start waits twice as long before the next restart (from
+    ``base_delay_s`` up to ``max_delay_s``), so a worker that cannot start does not spin. ``procs`` is updated in place, so the
+    caller's shutdown stops the current processes.
+    """
+    started = [time.monotonic()] * len(procs)
+    quick_deaths = [0] * len(procs)
+    while not stop.wait(poll_s):
+        for i, proc in enumerate(procs):
+            code = proc.poll()
+            if code is None or _asked_to_stop(code):
+                continue
+            quick_deaths[i] = quick_deaths[i] + 1 if time.monotonic() - started[i] < min_uptime_s else 0
+            delay = min(max_delay_s, base_delay_s * 2.0 ** quick_deaths[i])
+            cmd = commands[i]
+            name = cmd[cmd.index("--queues") + 1] if "--queues" in cmd else cmd[-1]
+            print(
+                f"dfq: worker '{name}' (pid {proc.pid}) died with status {code}; restarting it in {delay:.0f} s",
+                flush=True,
+            )
+            if stop.wait(delay):
+                return
+            procs[i] = subprocess.Popen(commands[i], preexec_fn=_die_with_parent)
+            started[i] = time.monotonic()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -116,10 +162,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"dfq: first start: created user 'admin'. Log in at {url} with this token (shown once):\n\n    {token}\n",
             flush=True,
         )
-    procs = []
+    procs: list[subprocess.Popen] = []
+    stop = threading.Event()
+    supervisor = None
     if not args.no_worker:
         # Same process group as serve: stopping serve's group stops its workers and their jobs.
-        procs = [subprocess.Popen(worker_command(q), preexec_fn=_die_with_parent) for q, _ in WORKER_POOLS]
+        commands = [worker_command(q) for q, _ in WORKER_POOLS]
+        procs = [subprocess.Popen(c, preexec_fn=_die_with_parent) for c in commands]
+        supervisor = threading.Thread(target=supervise, args=(procs, commands, stop), daemon=True)
+        supervisor.start()
     print(
         f"dfq: serving {url} (data in {settings.data_dir.resolve()}, database {settings.resolved_database_url.split('@')[-1]})",
         flush=True,
@@ -127,6 +178,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level)
     finally:
+        stop.set()
+        if supervisor is not None:
+            supervisor.join(timeout=30)
         _stop(procs)
     return 0
 
