@@ -78,8 +78,12 @@ def student_loss(
     labels: torch.Tensor,
     epoch: int,
     total_epochs: int,
+    first_epoch: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L_S for a :class:`dfq.spec.MethodSpec`: GDFQ's KD + CE, or LRQ's CE + ramped DKD."""
+    """L_S for a :class:`dfq.spec.MethodSpec`: GDFQ's KD + CE, or LRQ's CE + ramped DKD.
+
+    DKD's ramp counts from ``first_epoch``, the student's first trained epoch (after the generator's
+    warm-up): in DKD the ramp covers the student's first epochs, which here start late."""
     lrq = method.lrq
     if lrq is None or not lrq.dkd:
         return gdfq_student_loss(
@@ -94,7 +98,7 @@ def student_loss(
     warmup = (
         lrq.dkd_warmup_epochs if lrq.dkd_warmup_epochs is not None else max(1, round(0.05 * total_epochs))
     )
-    ramp = min((epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
+    ramp = min((epoch - first_epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
     dkd, parts = dkd_loss(
         student_logits, teacher_logits, labels, lrq.dkd_temperature, lrq.dkd_alpha, lrq.dkd_beta
     )

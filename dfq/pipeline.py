@@ -270,7 +270,9 @@ class Pipeline:
         with torch.set_grad_enabled(not in_warmup):
             with autocast(self.device, self.spec.speed.bf16):
                 s_logits = as_float32(self.student(x))
-            loss_s, s_parts = student_loss(self.spec.method, s_logits, t, labels, epoch, b.epochs)
+            loss_s, s_parts = student_loss(
+                self.spec.method, s_logits, t, labels, epoch, b.epochs, b.warmup_epochs
+            )
         grad_norm = None
         if not in_warmup:
             self.opt_s.zero_grad(set_to_none=True)

@@ -164,7 +164,8 @@ class LRQSpec(_Strict):
     dkd_warmup_epochs: int | None = Field(
         None,
         ge=0,
-        description="DKD weight ramps as min((epoch+1) / warmup, 1); None: 5% of the budget's epochs (20 of 400)",
+        description="DKD weight ramps as min((e+1) / warmup, 1), e counting the student's epochs; "
+        "None: 5% of the budget's epochs (20 of 400)",
     )
 
 

@@ -258,3 +258,8 @@ def test_student_loss_ramps_dkd_in():
     loss9, _ = student_loss(method, s, t4, y, epoch=9, total_epochs=20)
     assert loss0.item() == pytest.approx(ce + 0.25 * dkd, rel=1e-4)
     assert loss9.item() == pytest.approx(ce + dkd, rel=1e-4)
+    # counted from the student's first epoch: epoch 5 is the first of a run with 5 warm-up epochs
+    late0, _ = student_loss(method, s, t4, y, epoch=5, total_epochs=20, first_epoch=5)
+    late2, _ = student_loss(method, s, t4, y, epoch=7, total_epochs=20, first_epoch=5)
+    assert late0.item() == pytest.approx(ce + 0.25 * dkd, rel=1e-4)
+    assert late2.item() == pytest.approx(ce + 0.75 * dkd, rel=1e-4)
