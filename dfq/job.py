@@ -150,7 +150,7 @@ def _check_converged(student: nn.Module, step: int) -> None:
         raise DivergedError(
             f"the student diverged: {len(bad)} parameter tensor(s) are non-finite after step {step} "
             f"(first: {bad[0]}); metrics.jsonl shows where its loss blew up. Lower budget.lr_s "
-            "(e.g. 1e-4) or set budget.clip_grad_s, and run again with --force"
+            "(e.g. 1e-4) or set budget.clip_grad_s, and run again into another --out"
         )
 
 

@@ -283,7 +283,7 @@ class Pipeline:
                     f"the student diverged: its gradient is non-finite at step {self.step + 1} "
                     f"(student loss {loss_s.item():.4g}); metrics.jsonl shows where its loss grew. "
                     "Lower budget.lr_s (or method.lr_s_scale) or set budget.clip_grad_s, and run again "
-                    "with --force"
+                    "into another --out (this one's checkpoint belongs to the old spec)"
                 )
             self.opt_s.step()
         metrics = {
