@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dfq.models.teachers import read_manifest  # noqa: E402
+from dfq.spec import _merge  # noqa: E402  (the spec's own deep merge of overrides)
 
 
 def parse_method(arg: str) -> tuple[str, str | dict]:
@@ -100,13 +101,6 @@ def _stats(values: list[float]) -> dict[str, float]:
         "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
         "n": len(values),
     }
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def aggregate(reports: list[dict]) -> list[dict]:
