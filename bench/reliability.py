@@ -41,8 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests import services  # noqa: E402
-from tests.e2e import commands  # noqa: E402
-from tests.e2e.stack import Stack, base_env  # noqa: E402
+from tests.e2e.stack import Stack, start_proxied  # noqa: E402
 from tests.faults import RedisServer, TcpProxy  # noqa: E402
 from tests.hostile import HOSTILE, build_all  # noqa: E402
 
@@ -197,21 +196,9 @@ def start(tmp: Path, es: contextlib.ExitStack) -> tuple[Stack, RedisServer, TcpP
     redis = RedisServer()
     redis.start()
     es.callback(redis.close)
-    proxy, worker_db = TcpProxy.for_url(pg)
+    stack, proxy = start_proxied(tmp, redis.url, pg, {"DFQ_JOB_SUBMIT_LIMIT": "0"})
     es.callback(proxy.close)
-    env = {**base_env(tmp / "data"), "DFQ_DATABASE_URL": pg, "DFQ_BROKER_URL": redis.url}
-    env["DFQ_JOB_SUBMIT_LIMIT"] = "0"
-    stack = Stack("reliability", tmp / "data", env, services.free_port())
     es.callback(stack.stop)
-    worker_env = {"DFQ_DATABASE_URL": worker_db, "DFQ_DB_RETRY_ATTEMPTS": "25",
-                  "DFQ_DB_RETRY_BASE_S": "0.2", "DFQ_DB_RETRY_MAX_S": "1"}  # fmt: skip
-    stack.run(commands.MIGRATE)
-    stack.start("api", commands.api("127.0.0.1", stack.port))
-    stack.start("gpu", commands.GPU_WORKER, worker_env)
-    stack.start("intake", commands.INTAKE_WORKER, worker_env)
-    stack.wait_healthy()
-    stack.wait_worker_ready("gpu")
-    stack.wait_worker_ready("intake")
     return stack, redis, proxy
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 
 from tests.e2e import commands
+from tests.faults import TcpProxy
 from tests.services import free_port, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,9 +148,15 @@ def start_embedded(tmp: Path, extra_env: dict[str, str] | None = None) -> Stack:
 
 
 def start_redis_postgres(
-    tmp: Path, redis_url: str, postgres_url: str, extra_env: dict[str, str] | None = None
+    tmp: Path,
+    redis_url: str,
+    postgres_url: str,
+    extra_env: dict[str, str] | None = None,
+    worker_env: dict[str, str] | None = None,
 ) -> Stack:
-    """The production shape: migrations, then the API and separate gpu/intake workers."""
+    """The production shape: migrations, then the API and separate gpu/intake workers.
+
+    ``worker_env`` overrides the environment of the two workers only (e.g. their database URL)."""
     data = tmp / "rp-data"
     env = {
         **base_env(data),
@@ -158,11 +165,37 @@ def start_redis_postgres(
         **(extra_env or {}),
     }
     stack = Stack("redis-postgres", data, env, free_port())
-    stack.run(commands.MIGRATE)
-    stack.start("api", commands.api("127.0.0.1", stack.port))
-    stack.start("gpu", commands.GPU_WORKER)
-    stack.start("intake", commands.INTAKE_WORKER)
-    stack.wait_healthy()
-    stack.wait_worker_ready("gpu")
-    stack.wait_worker_ready("intake")
+    try:
+        stack.run(commands.MIGRATE)
+        stack.start("api", commands.api("127.0.0.1", stack.port))
+        stack.start("gpu", commands.GPU_WORKER, worker_env)
+        stack.start("intake", commands.INTAKE_WORKER, worker_env)
+        stack.wait_healthy()
+        stack.wait_worker_ready("gpu")
+        stack.wait_worker_ready("intake")
+    except BaseException:
+        stack.stop()
+        raise
     return stack
+
+
+# Workers whose database is cut retry each write for up to ~20 s before giving up.
+DB_RETRY_ENV = {"DFQ_DB_RETRY_ATTEMPTS": "25", "DFQ_DB_RETRY_BASE_S": "0.2", "DFQ_DB_RETRY_MAX_S": "1"}
+
+
+def start_proxied(
+    tmp: Path, redis_url: str, postgres_url: str, extra_env: dict[str, str] | None = None
+) -> tuple[Stack, TcpProxy]:
+    """The production shape with the workers' PostgreSQL behind a proxy the caller can cut.
+
+    The API keeps its direct connection, so a database outage hits only the workers mid-job, which
+    is the fault worth injecting (the API's own errors are plain 5xx). Stop both when done."""
+    proxy, worker_db = TcpProxy.for_url(postgres_url)
+    try:
+        stack = start_redis_postgres(
+            tmp, redis_url, postgres_url, extra_env, {"DFQ_DATABASE_URL": worker_db, **DB_RETRY_ENV}
+        )
+    except BaseException:
+        proxy.close()
+        raise
+    return stack, proxy

@@ -5,17 +5,16 @@ step's metrics recorded exactly once. (Worker SIGKILLs and cancels: tests/e2e/te
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 
 import httpx
 import pytest
 
-from tests.e2e import commands
-from tests.e2e.stack import Stack, base_env
+from tests.e2e.stack import start_proxied
 from tests.e2e.test_service import BUNDLED, LONG, SMOKE
-from tests.faults import RedisServer, TcpProxy
-from tests.services import free_port
+from tests.faults import RedisServer
 
 pytestmark = pytest.mark.slow
 TERMINAL = {"done", "failed", "cancelled"}
@@ -27,27 +26,14 @@ FAULT_SPEC = {**LONG, "budget": {**LONG["budget"], "epochs": 3}}
 def faults(tmp_path_factory, postgres_url):
     """The stack, a restartable private Redis, and a proxy that can cut the workers' database."""
     tmp = tmp_path_factory.mktemp("faults")
-    redis = RedisServer()
-    redis.start()
-    proxy, worker_db = TcpProxy.for_url(postgres_url)
-    env = {**base_env(tmp / "data"), "DFQ_DATABASE_URL": postgres_url, "DFQ_BROKER_URL": redis.url}
-    stack = Stack("faults", tmp / "data", env, free_port())
-    # the workers reach PostgreSQL through the proxy; their writes retry for up to ~20 s
-    worker_env = {"DFQ_DATABASE_URL": worker_db, "DFQ_DB_RETRY_ATTEMPTS": "25",
-                  "DFQ_DB_RETRY_BASE_S": "0.2", "DFQ_DB_RETRY_MAX_S": "1"}  # fmt: skip
-    try:
-        stack.run(commands.MIGRATE)
-        stack.start("api", commands.api("127.0.0.1", stack.port))
-        stack.start("gpu", commands.GPU_WORKER, worker_env)
-        stack.start("intake", commands.INTAKE_WORKER, worker_env)
-        stack.wait_healthy()
-        stack.wait_worker_ready("gpu")
-        stack.wait_worker_ready("intake")
+    with contextlib.ExitStack() as es:
+        redis = RedisServer()
+        redis.start()
+        es.callback(redis.close)
+        stack, proxy = start_proxied(tmp, redis.url, postgres_url)
+        es.callback(proxy.close)
+        es.callback(stack.stop)
         yield stack, redis, proxy
-    finally:
-        stack.stop()
-        proxy.close()
-        redis.close()
 
 
 @pytest.fixture(scope="module")
