@@ -41,25 +41,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests import services  # noqa: E402
+from tests.e2e.specs import BUNDLED  # noqa: E402
+from tests.e2e.specs import FAULT_SPEC as SPEC  # noqa: E402
 from tests.e2e.stack import Stack, start_proxied  # noqa: E402
 from tests.faults import RedisServer, TcpProxy  # noqa: E402
 from tests.hostile import HOSTILE, build_all  # noqa: E402
 
 TERMINAL = {"done", "failed", "cancelled"}
-TEACHER = ROOT / "teachers" / "resnet20_fmnist.safetensors"
-SPEC = {
-    "bits": "W4A4",
-    "budget": {
-        "preset": "smoke",
-        "epochs": 3,
-        "iters_per_epoch": 10,
-        "batch_size": 8,
-        "warmup_epochs": 1,
-        "checkpoint_every": 2,
-        "sample_every": 100,
-    },
-    "device": "cpu",
-}
 
 
 class Bench:
@@ -264,7 +252,7 @@ def main() -> None:
             httpx.Client(base_url=stack.base_url, headers=stack.token("bench"), timeout=60)
         )
         bench = Bench(stack, redis, proxy, api)
-        teacher = bench.upload(TEACHER)
+        teacher = bench.upload(BUNDLED)
         assert teacher["state"] == "ready", teacher
         bench.teacher_id = teacher["id"]
         for fault in args.faults.split(","):

@@ -12,14 +12,12 @@ import time
 import httpx
 import pytest
 
+from tests.e2e.specs import BUNDLED, FAULT_SPEC, SMOKE
 from tests.e2e.stack import start_proxied
-from tests.e2e.test_service import BUNDLED, LONG, SMOKE
 from tests.faults import RedisServer
 
 pytestmark = pytest.mark.slow
 TERMINAL = {"done", "failed", "cancelled"}
-# long enough to be caught mid-run (30 iterations, state saved every 2), short enough for CI
-FAULT_SPEC = {**LONG, "budget": {**LONG["budget"], "epochs": 3}}
 
 
 @pytest.fixture(scope="module")

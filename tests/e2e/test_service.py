@@ -21,26 +21,10 @@ import pytest
 import torch
 
 from dfq.artifacts import load_quantized
-from tests.e2e.stack import MAX_UPLOAD, REPO, start_embedded, start_redis_postgres
+from tests.e2e.specs import BUNDLED, LONG, SMOKE, TINY
+from tests.e2e.stack import MAX_UPLOAD, start_embedded, start_redis_postgres
 
 pytestmark = pytest.mark.slow
-BUNDLED = REPO / "teachers" / "resnet20_fmnist.safetensors"
-TINY = {"preset": "smoke", "epochs": 2, "iters_per_epoch": 2, "batch_size": 8}
-SMOKE = {"bits": "W4A4", "budget": TINY, "device": "cpu"}
-# Long enough to be caught mid-run (60 iterations), state saved every 2 iterations.
-LONG = {
-    "bits": "W4A4",
-    "budget": {
-        "preset": "smoke",
-        "epochs": 6,
-        "iters_per_epoch": 10,
-        "batch_size": 8,
-        "warmup_epochs": 1,
-        "checkpoint_every": 2,
-        "sample_every": 100,
-    },
-    "device": "cpu",
-}
 TERMINAL = {"done", "failed", "cancelled"}
 
 

@@ -10,8 +10,9 @@ import time
 import httpx
 import pytest
 
+from tests.e2e.specs import SMOKE
 from tests.e2e.stack import start_embedded
-from tests.e2e.test_service import SMOKE, start_job, wait_job
+from tests.e2e.test_service import start_job, wait_job
 from tests.services import wait_until
 
 
