@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfq.synth.moments import var_mean
+
 
 def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -34,7 +36,7 @@ class BNStatsRecorder:
     def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         x = args[0]
         x = x.float() if x.dtype in (torch.bfloat16, torch.float16) else x  # fp32 statistics under autocast
-        var, mean = torch.var_mean(x, dim=[0, 2, 3] if x.dim() == 4 else [0], correction=0)
+        var, mean = var_mean(x, [0, 2, 3] if x.dim() == 4 else [0])
         self.means.append(mean)
         self.vars.append(var)
         if self.keep_inputs:

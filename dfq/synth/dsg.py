@@ -17,16 +17,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dfq.synth.moments import var_mean
+
 
 def batch_stats(x: torch.Tensor, stat: str = "std") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std (or biased var) over (N, H, W): shapes (C,), (C,)."""
-    var, mean = torch.var_mean(x, dim=[0, 2, 3], correction=0)
+    var, mean = var_mean(x, [0, 2, 3])
     return mean, (var + 1e-12).sqrt() if stat == "std" else var
 
 
 def sample_stats(x: torch.Tensor, stat: str = "std") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample, per-channel mean and std (or var) over (H, W): shapes (N, C), (N, C)."""
-    var, mean = torch.var_mean(x, dim=[2, 3], correction=0)
+    var, mean = var_mean(x, [2, 3])
     return mean, (var + 1e-12).sqrt() if stat == "std" else var
 
 
