@@ -26,7 +26,7 @@ from dfq.models.teachers import TeacherInfo, resolve_teacher
 from dfq.pipeline import DivergedError, Event, Pipeline, resolve_device
 from dfq.quant import activation_ranges
 from dfq.quant.export import export_all
-from dfq.spec import JobSpec
+from dfq.spec import JobSpec, same_spec
 from dfq.validate import validate_for_teacher
 
 STATE_FILE = "state.pt"
@@ -55,7 +55,7 @@ def load_completed(out_dir: Path, spec: JobSpec) -> dict[str, Any] | None:
     if not path.exists():
         return None
     report = json.loads(path.read_text())
-    return report if report.get("spec") == spec.canonical() else None
+    return report if isinstance(report.get("spec"), dict) and same_spec(report["spec"], spec) else None
 
 
 def run_job(

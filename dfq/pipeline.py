@@ -27,7 +27,7 @@ from dfq.data import LabelledSet, Preprocess
 from dfq.distill import student_loss
 from dfq.evaluate import predict, top1
 from dfq.quant import quantize, set_calibration
-from dfq.spec import JobSpec
+from dfq.spec import JobSpec, same_spec
 from dfq.speed import as_float32, autocast, set_memory_format
 from dfq.synth.bn_stats import bn_layers
 from dfq.synth.generators import build_generator
@@ -206,8 +206,7 @@ class Pipeline:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"checkpoint state version {state.get('version')} is not {STATE_VERSION}")
-        # re-validated, so a checkpoint written before a field existed compares with its default
-        if JobSpec.model_validate(json.loads(state["spec"])).canonical() != self.spec.canonical():
+        if not same_spec(json.loads(state["spec"]), self.spec):
             raise ValueError(
                 "the checkpoint was written by a run with a different JobSpec; use another --out"
             )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 _BITS_RE = re.compile(r"^W(\d+)A(\d+)(?:[-_ ]?F(\d+)L(\d+))?$", re.IGNORECASE)
 FLOAT_BITS = 32
@@ -471,6 +471,17 @@ class JobSpec(_Strict):
 
     def summary(self) -> str:
         return f"{self.method.preset or 'custom'} {self.quant.label} ({self.quant.layers_label}) budget={self.budget.preset or 'custom'} seed={self.seed}"
+
+
+def same_spec(stored: dict[str, Any], spec: JobSpec) -> bool:
+    """Whether ``stored``, a canonical spec an earlier run wrote (report, checkpoint), is ``spec``.
+
+    Re-validated first, so a spec written before a field existed compares with that field's default:
+    adding a field must not make every finished run and checkpoint look like another job's."""
+    try:
+        return JobSpec.model_validate(stored).canonical() == spec.canonical()
+    except ValidationError:
+        return False
 
 
 def parse_spec(data: dict[str, Any] | JobSpec) -> JobSpec:

@@ -1,9 +1,11 @@
 import contextlib
+import json
 
 import pytest
 from pydantic import ValidationError
 
-from dfq.spec import JobSpec, parse_bits
+from dfq.job import load_completed
+from dfq.spec import JobSpec, parse_bits, parse_spec, same_spec
 
 
 def test_shorthand_from_the_issue():
@@ -69,3 +71,23 @@ def test_values_of_the_wrong_type_are_validation_errors_not_crashes(key, value):
     """The API turns ValidationError into a 422; anything else would be a 500 (found by the fuzzer)."""
     with contextlib.suppress(ValidationError):
         JobSpec.model_validate({key: value})
+
+
+def test_same_spec_accepts_a_spec_written_before_a_field_existed():
+    spec = parse_spec({"method": "acq", "bits": "W3A3", "budget": "cpu", "seed": 2})
+    stored = spec.canonical()
+    del stored["speed"]["fused_upsample"]  # as an older dfq wrote it
+    del stored["budget"]["clip_grad_s"]
+    assert same_spec(stored, spec)
+    assert not same_spec({**spec.canonical(), "seed": 3}, spec)
+    assert not same_spec({**spec.canonical(), "seed": -1}, spec)  # invalid now: never the same
+
+
+def test_a_finished_report_from_an_older_dfq_is_reused(tmp_path):
+    spec = parse_spec({"method": "gdfq", "bits": "W4A4", "budget": "smoke"})
+    stored = spec.canonical()
+    del stored["method"]["lr_s_scale"]
+    (tmp_path / "report.json").write_text(json.dumps({"spec": stored, "q_top1": 50.0}))
+    assert load_completed(tmp_path, spec)["q_top1"] == 50.0
+    other = parse_spec({"method": "gdfq", "bits": "W4A4", "budget": "smoke", "seed": 1})
+    assert load_completed(tmp_path, other) is None
