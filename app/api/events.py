@@ -39,6 +39,18 @@ def _changed(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return any(a.get(k) != b.get(k) for k in keys)
 
 
+def _with_relayed(row: dict[str, Any], relayed: dict[str, Any]) -> dict[str, Any]:
+    """The row as a viewer should see it, given the latest step/phase relayed from pub/sub.
+
+    The worker publishes a step at once but writes the row at most every ``progress_interval_s``, so a
+    safety poll can read a row one or more steps *behind* what the stream already relayed; sent as is,
+    it would move the viewer's progress backwards. While the job runs, the fresher relayed values win."""
+    step = relayed.get("step")
+    if row.get("state") == "running" and step is not None and (row.get("step") or 0) < step:
+        return {**row, **relayed}
+    return row
+
+
 def _event(kind: str, data: dict[str, Any]) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(data, default=str), event=kind)
 
@@ -59,6 +71,7 @@ async def job_events(request: Request, principal: Principal, job_id: str) -> Asy
         poll_every = SAFETY_POLL_S if pubsub is not None else settings.sse_poll_s
         loop = asyncio.get_running_loop()
         next_poll = loop.time() + poll_every
+        relayed: dict[str, Any] = {}  # step and phase of the latest pub/sub message
         while last["state"] not in TERMINAL_STATES:
             if pubsub is not None:
                 timeout = max(0.0, min(1.0, next_poll - loop.time()))
@@ -70,12 +83,16 @@ async def job_events(request: Request, principal: Principal, job_id: str) -> Asy
                 if msg is not None:
                     data = json.loads(msg["data"])
                     yield _event(data.pop("kind", "message"), data)
+                    if data.get("step") is not None:
+                        relayed = {k: data[k] for k in ("step", "phase") if k in data}
                     if data.get("state") in TERMINAL_STATES:
                         next_poll = 0.0  # confirm against the row right away
             else:
                 await asyncio.sleep(max(0.0, next_poll - loop.time()))
             if loop.time() >= next_poll:
-                now = await anyio.to_thread.run_sync(_snapshot, request, principal, job_id)
+                now = _with_relayed(
+                    await anyio.to_thread.run_sync(_snapshot, request, principal, job_id), relayed
+                )
                 if _changed(last, now):
                     yield _event("progress", now)
                 last, next_poll = now, loop.time() + poll_every
