@@ -469,11 +469,12 @@ class JobSpec(_Strict):
         return f"{self.method.preset or 'custom'} {self.quant.label} ({self.quant.layers_label}) budget={self.budget.preset or 'custom'} seed={self.seed}"
 
 
-def same_spec(stored: dict[str, Any], spec: JobSpec) -> bool:
+def same_spec(stored: Any, spec: JobSpec) -> bool:
     """Whether ``stored``, a canonical spec an earlier run wrote (report, checkpoint), is ``spec``.
 
     Re-validated first, so a spec written before a field existed compares with that field's default:
-    adding a field must not make every finished run and checkpoint look like another job's."""
+    adding a field must not make every finished run and checkpoint look like another job's. Anything that
+    does not validate (a missing or mangled spec) is not this spec."""
     try:
         return JobSpec.model_validate(stored).canonical() == spec.canonical()
     except ValidationError:

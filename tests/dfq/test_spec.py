@@ -81,6 +81,7 @@ def test_same_spec_accepts_a_spec_written_before_a_field_existed():
     assert same_spec(stored, spec)
     assert not same_spec({**spec.canonical(), "seed": 3}, spec)
     assert not same_spec({**spec.canonical(), "seed": -1}, spec)  # invalid now: never the same
+    assert not same_spec(None, spec)  # a report without a spec
 
 
 def test_a_finished_report_from_an_older_dfq_is_reused(tmp_path):
