@@ -46,14 +46,13 @@ def measure(
     """One configuration, in this process (the ``dfq`` on sys.path is the one measured)."""
     import torch
 
-    from dfq.models.teachers import load_bundled
     from dfq.pipeline import Pipeline, resolve_device
     from dfq.quant import set_calibration
     from dfq.spec import JobSpec
 
     if threads:
         torch.set_num_threads(threads)
-    model, info = load_bundled(teacher)
+    model, num_classes, input_shape = _teacher(teacher)
     data = {
         "method": method,
         "bits": bits,
@@ -71,11 +70,14 @@ def measure(
         data["speed"] = speed
     spec = JobSpec.model_validate(data)
     dev = resolve_device(device)
-    pipe = Pipeline(spec, model, info.num_classes, info.input_shape, dev)
-    pipe.step = 1  # past the one-iteration warm-up epoch
-    set_calibration(pipe.student, True)
-    for _ in range(max(warmup, 1)):
-        pipe.train_step()
+    try:
+        pipe = Pipeline(spec, model, num_classes, input_shape, dev)
+        pipe.step = 1  # past the one-iteration warm-up epoch
+        set_calibration(pipe.student, True)
+        for _ in range(max(warmup, 1)):
+            pipe.train_step()
+    except torch.OutOfMemoryError as e:  # "the largest teacher that fits" needs the ones that do not
+        return {"teacher": teacher, "method": method, "bits": bits, "batch": batch, "oom": str(e)[:300]}
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -117,6 +119,24 @@ def measure(
     return out
 
 
+def _teacher(name: str) -> tuple:
+    """A bundled teacher by name, or ``ARCH@CxHxW[/CLASSES]``: a randomly initialised registry model
+    (1000 classes unless given) to measure speed and memory of teachers nobody trained here. Its BN
+    statistics are the init's (0, 1); the loop's cost does not depend on them."""
+    if "@" not in name:
+        from dfq.models.teachers import load_bundled
+
+        model, info = load_bundled(name)
+        return model, info.num_classes, info.input_shape
+    from dfq.models.registry import build_model
+
+    arch, _, rest = name.partition("@")
+    shape, _, classes = rest.partition("/")
+    c, h, w = (int(v) for v in shape.lower().split("x"))
+    k = int(classes) if classes else 1000
+    return build_model(arch, k, c), k, (c, h, w)
+
+
 def run_one(root: Path, cfg: dict) -> dict:
     """Run ``measure`` in a fresh process importing ``dfq`` from ``root``."""
     proc = subprocess.run(
@@ -136,6 +156,12 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r.get("oom"):
+            lines.append(
+                f"| {r['tree']} | {r['teacher']} | {r['method']} | {r['bits']} | {r['batch']} | "
+                "out of memory | | | | | | |"
+            )
+            continue
         lines.append(
             f"| {r['tree']} | {r['teacher']} | {r['method']} | {r['bits']} | {r['batch']} | {r['iters']} | "
             f"{r['s_per_it']:.3f} | {r['cpu_s_per_it']:.3f} | {r['it_per_s']:.3f} | {r['img_per_s']:.1f} | "
@@ -250,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"tree": tree, **run_one(root, cfg)}
                     rows.append(row)
                     write(results_dir, stem, meta, rows)  # after every row: a killed run keeps its rows
+                    if row.get("oom"):
+                        print(f"{tree:5s} {teacher:20s} {method:5s} {bits:5s} out of memory", flush=True)
+                        continue
                     print(
                         f"{tree:5s} {teacher:20s} {method:5s} {bits:5s} {row['s_per_it']:7.3f} s/it "
                         f"{row['cpu_s_per_it']:7.3f} CPU s/it {row['img_per_s']:6.1f} img/s "

@@ -8,6 +8,7 @@ and normalised as the teacher's manifest says), so evaluation code needs no tran
 from __future__ import annotations
 
 import gzip
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,15 @@ import torch
 import torch.nn.functional as F
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fashion_mnist_dir() -> Path:
+    """Debian's install path, unless ``DFQ_FASHION_MNIST_DIR`` names a copy (a machine without the
+    package, e.g. a lent GPU machine that receives the files with the working tree)."""
+    env = os.environ.get("DFQ_FASHION_MNIST_DIR")
+    return Path(env) if env else FASHION_MNIST_DIR
+
+
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
     "Trouser",
@@ -77,8 +87,9 @@ def _read_idx(path: Path, offset: int) -> np.ndarray:
         return np.frombuffer(f.read(), np.uint8, offset=offset)
 
 
-def fashion_mnist(split: str = "test", root: Path = FASHION_MNIST_DIR) -> LabelledSet:
+def fashion_mnist(split: str = "test", root: Path | None = None) -> LabelledSet:
     """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package (no download)."""
+    root = fashion_mnist_dir() if root is None else root
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
         raise DataError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# The prepared device check, for a session that is lent a GPU (`status`: can_start_another true).
+#
+# A lent machine gives a session 15 minutes of device time in all, one command at most 10 minutes, and
+# it is bare: it has torch (2.11 when last seen) but not pydantic, and no Fashion-MNIST. So the check is
+# one command, prepared here and run there once:
+#
+#   bash bench/gpu_check.sh prep                 # here: wheels into .whl/, the data into .gpu/ (ignored)
+#   run(command="bash bench/gpu_check.sh run", carry=[".whl", ".gpu"], timeout_s=570)
+#   # then: tar xzf <files_at>/gpu-results.tgz -C /tmp/gpu && read gpu-check.log; record docs/benchmarks.md
+#
+# Every stage has its own time limit, so a stage that runs long costs its own figures, not the others'.
+# QUICK=1 shrinks every stage to seconds on a CPU (DEV=cpu) to check the plumbing before spending
+# device time. What comes back under $OUT: gpu-check.log and gpu-results.tgz (bench/results/gpu-*.json
+# and .md, and the quality runs' report.json and metrics.jsonl).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+prep() {
+    local py=.venv/bin/python pkgs=() name
+    for name in pydantic pydantic_core annotated-types typing-inspection typing_extensions; do
+        pkgs+=("$name==$($py -c "import importlib.metadata as m; print(m.version('$name'))")")
+    done
+    rm -rf .whl && mkdir -p .whl .gpu/fashion-mnist
+    # the lent machine's python is 3.12 (KINDS.md); the same versions as this checkout's .venv
+    $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl "${pkgs[@]}" || return 1
+    cp /usr/share/datasets/fashion-mnist/*.gz .gpu/fashion-mnist/ || return 1
+    ls .whl .gpu/fashion-mnist && du -sh .whl .gpu
+}
+
+stage() {  # stage LIMIT_S CMD...: run one stage under its own limit, log its exit status
+    local limit=$1
+    shift
+    echo "== $(date +%T) limit ${limit}s: $*"
+    timeout "$limit" "$@"
+    local rc=$?
+    echo "== $(date +%T) rc $rc$([ $rc = 124 ] && echo ' (stopped at its limit)')"
+}
+
+run() {
+    OUT=${OUT:-/tmp/gpu-check-out}
+    mkdir -p "$OUT"
+    exec > >(tee "$OUT/gpu-check.log") 2>&1
+    export PYTHONUNBUFFERED=1
+    local py=${PY:-python3} dev=${DEV:-cuda}
+    if ! $py -c "import pydantic" 2>/dev/null; then
+        $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl || exit 1
+        export PYTHONPATH=/tmp/site
+    fi
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    [ -d .gpu/fashion-mnist ] && export DFQ_FASHION_MNIST_DIR=$PWD/.gpu/fashion-mnist
+    command -v nvidia-smi >/dev/null && nvidia-smi
+    $py -c "import torch, dfq.spec; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
+
+    # sizes: the GPU figures the issues ask for; QUICK=1: the same stages in seconds on a CPU
+    local r20=resnet20_fmnist big=(resnet18_fmnist mobilenetv2_fmnist) it=30 bit=20 wu=5 b=256 pb=200
+    local large=(resnet50@3x224x224 resnet152@3x224x224 wide_resnet101_2@3x224x224) lit=3 qs=150
+    if [ "${QUICK:-0}" = 1 ]; then
+        it=1 bit=1 wu=1 b=8 pb=8 lit=1 qs=20 large=(resnet50@3x32x32)
+    fi
+    local sp=(bench/speed.py --device "$dev" --warmup "$wu" --bits W4A4)
+
+    # 1. speed at batch 256 (issue 8): every preset on resnet20_fmnist, gdfq on the 3x64x64 teachers, bf16
+    stage 100 $py "${sp[@]}" --teachers $r20 --methods gdfq dsg fdda acq lrq --iters $it --batch $b --name gpu-speed-r20
+    stage 45 $py "${sp[@]}" --teachers "${big[@]}" --methods gdfq --iters $bit --big-iters $bit --batch $b --name gpu-speed-big
+    stage 45 $py "${sp[@]}" --teachers $r20 "${big[0]}" --methods gdfq --iters $it --big-iters $bit --batch $b \
+        --speed '{"bf16": true}' --name gpu-speed-bf16
+    # 2. the paper budget's batch (200): its wall time is 80,000 of these iterations (too long for a call)
+    stage 30 $py "${sp[@]}" --teachers $r20 --methods gdfq --iters $((it * 2)) --batch $pb --name gpu-speed-paper-batch
+    # 3. the largest teacher that fits: random-init torchvision models at 224x224, 1000 classes, batch 256
+    stage 90 $py "${sp[@]}" --teachers "${large[@]}" --methods gdfq --iters $lit --big-iters $lit --batch $b \
+        --name gpu-speed-large
+    # 4. a larger budget than the CPU's (issue 3), four jobs on the one GPU at once (issue 8): the paper
+    #    recipe cut to the epochs that fit ~$qs s at the measured s/it, four jobs sharing the GPU
+    local epochs
+    epochs=$($py - "$qs" <<'EOF'
+import json, sys
+from pathlib import Path
+rows = json.loads(Path("bench/results/gpu-speed-paper-batch.json").read_text())["rows"]
+s_it = rows[0]["s_per_it"] * 4 * 1.5  # four jobs share the GPU; the slowest preset here is ~1.5x gdfq
+print(max(6, min(400, int(float(sys.argv[1]) / (s_it * 200)))))
+EOF
+)
+    local iters=200 ms
+    [ "${QUICK:-0}" = 1 ] && iters=2
+    echo "quality stage: ${epochs:-?} epochs x $iters iterations"
+    if [ -n "$epochs" ]; then
+        ms=$(( epochs / 2 )),$(( epochs * 3 / 4 ))
+        stage $((qs + 60)) $py bench/quality.py --budget paper --teachers $r20 --bits W4A4 W3A3 --methods gdfq acq \
+            --seeds 0 --parallel 4 --threads 2 --name gpu-quality-r20 --extra "{\"budget\": {\"preset\": \"paper\", \"epochs\": $epochs, \
+\"iters_per_epoch\": $iters, \"batch_size\": $pb, \"lr_milestones\": [$ms], \"eval_every\": 0}}"
+    fi
+    $py - <<'EOF'
+import json
+from pathlib import Path
+p = Path("bench/results/gpu-speed-paper-batch.json")
+if p.exists():
+    r = json.loads(p.read_text())["rows"][0]
+    print(f"paper budget estimate: {r['s_per_it']:.4f} s/it x 80,000 = {r['s_per_it'] * 80000 / 60:.1f} min "
+          f"on {r['device']} (resnet20_fmnist gdfq W4A4, batch {r['batch']}; evaluation not included)")
+EOF
+    tar czf "$OUT/gpu-results.tgz" bench/results/gpu-* runs/bench/*/report.json runs/bench/*/metrics.jsonl 2>/dev/null
+    ls -la "$OUT"
+}
+
+case "${1:-}" in
+prep) prep ;;
+run) run ;;
+*) echo "usage: bash bench/gpu_check.sh prep|run (see the header)" >&2; exit 2 ;;
+esac
