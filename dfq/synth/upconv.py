@@ -48,8 +48,25 @@ def transposed_kernel(weight: torch.Tensor) -> torch.Tensor:
     return _fold(_fold(weight, 2), 3).transpose(0, 1)
 
 
+def memory_format_of(weight: torch.Tensor) -> torch.memory_format:
+    """NHWC when ``speed.channels_last`` stored this 4-D weight NHWC (dfq/speed.py), else NCHW."""
+    nhwc = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if nhwc and not weight.is_contiguous() else torch.contiguous_format
+
+
 def upsample_conv(x: torch.Tensor, conv: nn.Module, fused: bool = True) -> torch.Tensor:
-    """``conv(F.interpolate(x, scale_factor=2))`` (nearest); by one transposed conv when ``fused``."""
+    """``conv(F.interpolate(x, scale_factor=2))`` (nearest); by one transposed conv when ``fused``.
+
+    The input and the built kernel take the conv weight's memory format. A generator's first
+    feature map is a ``view`` of a Linear's output, hence NCHW, and a kernel built by ``stack`` is NCHW
+    too: without this, with NHWC weights the generator ran NCHW up to its last conv, which then
+    converted layouts forward and backward (copies, and elementwise backward ops on mixed layouts);
+    all NHWC, its forward+backward is 10-25% faster on CPU (docs/benchmarks.md). Layout only: the
+    values are the same, float sums may be reassociated.
+    """
+    fmt = memory_format_of(conv.weight)
+    x = x.contiguous(memory_format=fmt)
     if not (fused and fusable(conv)):
         return conv(F.interpolate(x, scale_factor=2))
-    return F.conv_transpose2d(x, transposed_kernel(conv.weight), conv.bias, stride=2, padding=1)
+    kernel = transposed_kernel(conv.weight).contiguous(memory_format=fmt)
+    return F.conv_transpose2d(x, kernel, conv.bias, stride=2, padding=1)

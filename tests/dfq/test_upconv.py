@@ -71,3 +71,25 @@ def test_generators_give_the_same_images_either_way(kind, options):
     z, y = torch.randn(8, 100, dtype=torch.float64), torch.arange(8)
     c = torch.rand(8, 2, dtype=torch.float64) if options.get("center_condition") else None
     torch.testing.assert_close(fused(z, y, c), plain(z, y, c), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["gdfq", "cbn"])
+@pytest.mark.parametrize("fused_upsample", [True, False])
+def test_nhwc_weights_keep_the_generator_nhwc_with_the_same_images(kind, fused_upsample):
+    """With ``speed.channels_last`` every upsample block runs NHWC (the first feature map is a view of
+    a Linear's output, NCHW): a block left NCHW makes the last conv convert layouts forward and back."""
+    from dfq.speed import set_memory_format
+
+    torch.manual_seed(0)
+    nchw = build_generator(kind, 10, (3, 16, 16), fused_upsample=fused_upsample).double().train()
+    nhwc = build_generator(kind, 10, (3, 16, 16), fused_upsample=fused_upsample).double().train()
+    nhwc.load_state_dict(nchw.state_dict())
+    set_memory_format([nhwc], True)
+    layouts = []
+    for m in nhwc.modules():
+        if isinstance(m, nn.Conv2d):
+            m.register_forward_hook(lambda m, i, o: layouts.append(i[0].is_contiguous()))
+    z, y = torch.randn(4, 100, dtype=torch.float64), torch.arange(4)
+    torch.testing.assert_close(nhwc(z, y), nchw(z, y), rtol=0, atol=1e-10)
+    # every conv past the upsample ones sees an NHWC (hence not NCHW-contiguous) 64- or 128-channel input
+    assert layouts and not any(layouts)
