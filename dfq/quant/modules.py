@@ -96,6 +96,11 @@ class ActQuant(nn.Module):
         self.register_buffer("raw_min", torch.zeros(()))
         self.register_buffer("raw_max", torch.zeros(()))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        # The update count mirrored as a Python int: the bias correction and the no-range guard read it at
+        # every forward, and reading the buffer (``.item()``) would sync the host with the device there
+        # (~2 syncs per quantizer per forward on a GPU) and break a torch.compile graph at each quantizer.
+        # The buffer stays the checkpointed truth; _load_from_state_dict re-reads it.
+        self.n_updates = 0
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, beta={self.beta}, ema={self.ema}"
@@ -104,21 +109,26 @@ class ActQuant(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         lo, hi = torch.aminmax(x.detach())
         b = self.beta
-        if self.ema == "plain" and self.updates == 0:
+        if self.ema == "plain" and self.n_updates == 0:
             self.raw_min.copy_(lo)
             self.raw_max.copy_(hi)
         else:
             self.raw_min.mul_(b).add_((1 - b) * lo)
             self.raw_max.mul_(b).add_((1 - b) * hi)
         self.updates += 1
+        self.n_updates += 1
         if self.ema == "gdfq-compounding":
-            correction = 1 - b ** self.updates.item()
+            correction = 1 - b**self.n_updates
             self.raw_min.div_(correction)
             self.raw_max.div_(correction)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.n_updates = int(self.updates)  # one sync per load, not per forward
+
     def range(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ema == "debiased":
-            correction = 1 - self.beta ** self.updates.item()
+            correction = 1 - self.beta**self.n_updates
             return self.raw_min / correction, self.raw_max / correction
         return self.raw_min, self.raw_max
 
@@ -129,7 +139,7 @@ class ActQuant(nn.Module):
             self.observe(x)
         if self.bits >= FLOAT_BITS:
             return x
-        if self.updates.item() == 0:
+        if self.n_updates == 0:
             raise RuntimeError(
                 "activation quantizer has no range yet: run calibration (set_calibration(model, True) "
                 "and forward some inputs) before using the quantized model"

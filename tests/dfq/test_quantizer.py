@@ -120,3 +120,30 @@ def test_frozen_quantizer_keeps_its_range_and_uncalibrated_one_refuses():
     before = q.range()
     q(torch.tensor([0.0, 100.0]))
     assert q.range() == before
+
+
+@pytest.mark.parametrize("ema", ["debiased", "plain", "gdfq-compounding"])
+def test_a_loaded_quantizer_has_the_saved_range_and_count(ema):
+    # the count the forward reads is a Python mirror of the `updates` buffer: loading must restore both
+    q = ActQuant(4, ema=ema)
+    _observe(q, 0.0, 2.0, 3)
+    _observe(q, -1.0, 5.0, 2)
+    q.calibrating = False
+    fresh = ActQuant(4, ema=ema)
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.n_updates == int(fresh.updates) == 5
+    assert [v.item() for v in fresh.range()] == [v.item() for v in q.range()]
+    x = torch.linspace(-2.0, 6.0, 17)
+    assert torch.equal(fresh(x), q(x))
+
+
+def test_frozen_quantizer_forward_reads_no_tensor_on_the_host():
+    # no .item() or tensor truth value in the forward: dynamo traces it as one graph without a break,
+    # which on a GPU means no host-device sync per quantizer and one torch.compile graph (issue 8)
+    q = ActQuant(4)
+    _observe(q, 0.0, 2.0, 4)
+    q.calibrating = False
+    x = torch.linspace(-1.0, 3.0, 9)
+    explained = torch._dynamo.explain(q)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    assert torch.equal(torch.compile(q, backend="eager")(x), q(x))
