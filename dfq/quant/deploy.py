@@ -1,8 +1,8 @@
 """A deployment view of a fake-quant student: constant quantization parameters, BN optionally folded.
 
 The fake-quant student recomputes weight ranges at every forward and reads activation ranges from
-EMA buffers with Python branching (``.item()``), which neither ONNX nor ``torch.export`` can
-capture. :func:`build_deploy_module` freezes all of it into buffers: each weight layer holds its
+EMA buffers with Python branching on the update count and the calibration flag, which neither
+ONNX nor ``torch.export`` can capture as constants. :func:`build_deploy_module` freezes all of it into buffers: each weight layer holds its
 integer codes and ONNX scales/zero points, each activation quantizer its range. In PyTorch the view
 computes the reference arithmetic (bit-exact with the student when BN is not folded); exported to
 ONNX it becomes QuantizeLinear/DequantizeLinear (see :mod:`dfq.quant.qdq`).
