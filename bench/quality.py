@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -103,6 +105,43 @@ def _stats(values: list[float]) -> dict[str, float]:
     }
 
 
+def per_seed(r: dict) -> dict:
+    """One run's own figures: the table shows mean ± std, but a 2-3 seed mean of a loop this chaotic is
+    only readable next to its seeds."""
+    return {
+        "seed": r["seed"],
+        "q_top1": r["q_top1"],
+        "q_top1_best_epoch": (r.get("best_epoch") or {}).get("q_top1"),
+        "agreement": r["agreement"],
+        "wall_s": r["wall_s"],
+    }
+
+
+def provenance() -> dict:
+    """Which code and machine produced a results file: figures from different code versions or machines
+    are not on one scale (float reassociation moves W3A3 runs by points; contention moves wall time)."""
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor()
+    )
+    import torch  # only here: the benchmark itself runs every job in its own process
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty_engine": bool(git("status", "--porcelain", "--", "dfq")),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def aggregate(reports: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     failures = [r for r in reports if r.get("failed")]
@@ -129,12 +168,13 @@ def aggregate(reports: list[dict]) -> list[dict]:
                 "kd_reduction": rs[0]["kd_reduction"],
                 "act_range": rs[0]["act_range"],
                 "seeds": [r["seed"] for r in rs],
+                "per_seed": [per_seed(r) for r in rs],
                 "fp_top1": rs[0]["fp_top1"],
                 "q_top1": _stats([r["q_top1"] for r in rs]),
                 "q_top1_best_epoch": _stats([r["best_epoch"]["q_top1"] for r in rs if r.get("best_epoch")])
                 if all(r.get("best_epoch") for r in rs)
                 else None,
-                "best_epoch_n_eval": rs[0].get("best_epoch", {}).get("n_eval"),
+                "best_epoch_n_eval": (rs[0].get("best_epoch") or {}).get("n_eval"),
                 "agreement": _stats([r["agreement"] for r in rs]),
                 "wall_s": _stats([r["wall_s"] for r in rs]),
                 "it_per_s": _stats([r["it_per_s"] for r in rs]),
@@ -150,14 +190,14 @@ def aggregate(reports: list[dict]) -> list[dict]:
 
 def markdown(rows: list[dict], budget: str) -> str:
     head = (
-        "| teacher | method | bits | layers | FP top-1 | q top-1 (final) | q top-1 (best epoch*) | agreement | wall s | it/s | peak MB |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| teacher | method | bits | layers | FP top-1 | q top-1 (final) | by seed | q top-1 (best epoch*) | agreement | wall s | it/s | peak MB |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for r in rows:
         if r.get("failed"):
             lines.append(
-                f"| {r['teacher']} | {r['method']} | {r['bits']} | | | **failed** (seed {r['seeds'][0]}): {r['failed']} | | | | | |"
+                f"| {r['teacher']} | {r['method']} | {r['bits']} | | | **failed** (seed {r['seeds'][0]}): {r['failed']} | | | | | | |"
             )
             continue
 
@@ -168,8 +208,9 @@ def markdown(rows: list[dict], budget: str) -> str:
                 else (f"{s['mean']:.2f}" if s else "-")
             )
 
+        by_seed = ", ".join(f"s{p['seed']} {p['q_top1']:.2f}" for p in r["per_seed"])
         lines.append(
-            f"| {r['teacher']} | {r['method']} | {r['bits']} | {r['layers']} | {r['fp_top1']:.2f} | {pm(r['q_top1'])} | "
+            f"| {r['teacher']} | {r['method']} | {r['bits']} | {r['layers']} | {r['fp_top1']:.2f} | {pm(r['q_top1'])} | {by_seed} | "
             f"{pm(r['q_top1_best_epoch'])} | {pm(r['agreement'])} | {r['wall_s']['mean']:.0f} | {r['it_per_s']['mean']:.2f} | {r['peak_mem_mb']:.0f} |"
         )
     seeds = sorted({s for r in rows for s in r["seeds"]})
@@ -205,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         for bits in args.bits
         for seed in args.seeds
     ]
+    code = provenance()  # before the runs: the tree they ran on, not one edited while they ran
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:  # each run is its own process
         reports = list(pool.map(lambda job: run_one(*job), jobs))
     rows = aggregate(reports)
@@ -212,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{stem}.json").write_text(
-        json.dumps({"budget": args.budget, "extra": extra, "rows": rows}, indent=2) + "\n"
+        json.dumps({"budget": args.budget, "extra": extra, "code": code, "rows": rows}, indent=2) + "\n"
     )
     table = markdown(rows, args.budget + (f" + overrides {json.dumps(extra)}" if extra else ""))
     (results / f"{stem}.md").write_text(table)

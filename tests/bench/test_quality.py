@@ -1,0 +1,79 @@
+"""bench/quality.py's aggregation: pure logic on report dicts shaped like ``dfq quantize``'s report.json."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _report(seed: int, q: float, agreement: float, best: float | None = None) -> dict:
+    report = {
+        "teacher": {"name": "resnet20_fmnist"},
+        "label": "gdfq",
+        "bits": "W3A3",
+        "layers": "F3L3",
+        "kd_reduction": "mean",
+        "act_range": "debiased",
+        "seed": seed,
+        "fp_top1": 92.4,
+        "q_top1": q,
+        "agreement": agreement,
+        "wall_s": 600.0 + seed,
+        "it_per_s": 0.5,
+        "peak_mem_mb": 1400.0 + seed,
+        "iterations": 400,
+        "n_eval": 10000,
+        "device": "cpu",
+        "threads": 1,
+    }
+    if best is not None:  # a run without per-epoch evaluations has no best_epoch key (dfq/job.py)
+        report["best_epoch"] = {"q_top1": best, "n_eval": 2000}
+    return report
+
+
+def test_rows_keep_every_seed_beside_the_mean(quality):
+    reports = [_report(0, 70.35, 72.0, 71.0), _report(1, 86.07, 88.0, 86.5)]
+    (row,) = quality.aggregate(reports)
+    assert row["seeds"] == [0, 1]
+    assert [p["q_top1"] for p in row["per_seed"]] == [70.35, 86.07]
+    assert [p["q_top1_best_epoch"] for p in row["per_seed"]] == [71.0, 86.5]
+    assert row["q_top1"] == {"mean": 78.21, "std": 11.12, "n": 2}  # (70.35 + 86.07) / 2, |d| / sqrt(2)
+    assert row["peak_mem_mb"] == 1401.0
+    table = quality.markdown([row], "cpu")
+    assert "| 78.21 ± 11.12 | s0 70.35, s1 86.07 |" in table
+    header, rule, line = table.splitlines()[:3]
+    assert header.count("|") == rule.count("|") == line.count("|")
+
+
+def test_a_run_without_best_epoch_has_no_best_epoch_mean(quality):
+    (row,) = quality.aggregate([_report(0, 80.0, 81.0, 82.0), _report(1, 84.0, 85.0)])
+    assert row["q_top1_best_epoch"] is None
+    assert row["per_seed"][1]["q_top1_best_epoch"] is None
+
+
+def test_a_failed_run_is_its_own_row_with_the_same_columns(quality):
+    failed = {"failed": True, "error": "error: student diverged", "tag": "t", "label": "fdda"}
+    failed |= {"teacher": "resnet20_fmnist", "bits": "W3A3", "seed": 0}
+    rows = quality.aggregate([failed, _report(0, 80.0, 81.0)])
+    assert rows[0]["failed"] == "error: student diverged"
+    lines = quality.markdown(rows, "cpu").splitlines()
+    assert lines[2].count("|") == lines[0].count("|") == lines[3].count("|")
+
+
+def test_provenance_names_the_commit_and_the_machine(quality):
+    code = quality.provenance()
+    assert len(code["commit"]) == 40
+    assert isinstance(code["dirty_engine"], bool)
+    assert code["cores"] >= 1 and code["cpu"]
