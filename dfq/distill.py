@@ -83,7 +83,9 @@ def student_loss(
     """L_S for a :class:`dfq.spec.MethodSpec`: GDFQ's KD + CE, or LRQ's CE + ramped DKD.
 
     DKD's ramp counts from ``first_epoch``, the student's first trained epoch (after the generator's
-    warm-up): in DKD the ramp covers the student's first epochs, which here start late."""
+    warm-up): in DKD the ramp covers the student's first epochs, which here start late. Before that
+    epoch the loss is only logged (the student is not stepped), and the ramp is 0 there: a negative
+    ramp made the logged ``s_loss`` of every LRQ warm-up negative (CE minus 3x DKD, say)."""
     lrq = method.lrq
     if lrq is None or not lrq.dkd:
         return gdfq_student_loss(
@@ -98,7 +100,7 @@ def student_loss(
     warmup = (
         lrq.dkd_warmup_epochs if lrq.dkd_warmup_epochs is not None else max(1, round(0.05 * total_epochs))
     )
-    ramp = min((epoch - first_epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
+    ramp = min(max(epoch - first_epoch + 1, 0) / warmup, 1.0) if warmup > 0 else 1.0
     dkd, parts = dkd_loss(
         student_logits, teacher_logits, labels, lrq.dkd_temperature, lrq.dkd_alpha, lrq.dkd_beta
     )

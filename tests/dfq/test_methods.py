@@ -263,3 +263,7 @@ def test_student_loss_ramps_dkd_in():
     late2, _ = student_loss(method, s, t4, y, epoch=7, total_epochs=20, first_epoch=5)
     assert late0.item() == pytest.approx(ce + 0.25 * dkd, rel=1e-4)
     assert late2.item() == pytest.approx(ce + 0.75 * dkd, rel=1e-4)
+    # during the generator's warm-up (logged, not stepped) DKD is off, not negative
+    early, parts = student_loss(method, s, t4, y, epoch=1, total_epochs=20, first_epoch=5)
+    assert early.item() == pytest.approx(ce, rel=1e-4)
+    assert parts["s_kd"].item() == pytest.approx(dkd, rel=1e-4)  # still measured, for the charts
