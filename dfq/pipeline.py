@@ -155,6 +155,7 @@ class Pipeline:
             lka=bool(m.lrq and m.lrq.lka),
             center_condition=m.acq is not None,
             fused_upsample=spec.speed.fused_upsample,
+            polyphase_dilated=spec.speed.polyphase_dilated,
         ).to(self.device)
         self.objective = GeneratorObjective(
             spec, self.teacher, num_classes, self.input_shape, self.device, calib_set, preprocess

@@ -41,6 +41,7 @@ class _GeneratorBase(nn.Module):
         lka: bool = False,
         center_condition: bool = False,
         fused_upsample: bool = True,
+        polyphase_dilated: bool = True,
     ) -> None:
         super().__init__()
         # upsample+conv pairs as one transposed conv (dfq/synth/upconv.py): same map, a plain attribute
@@ -51,8 +52,8 @@ class _GeneratorBase(nn.Module):
         self.init_hw = (math.ceil(h / 4), math.ceil(w / 4))
         self.l1 = nn.Linear(latent_dim, 128 * self.init_hw[0] * self.init_hw[1])
         # LRQ: large-kernel attention after each upsample-conv block
-        self.lka1 = LargeKernelAttention(128) if lka else None
-        self.lka2 = LargeKernelAttention(64) if lka else None
+        self.lka1 = LargeKernelAttention(128, polyphase_dilated) if lka else None
+        self.lka2 = LargeKernelAttention(64, polyphase_dilated) if lka else None
         # ACQ: an attention-center condition c in [0,1]^2, embedded and added to the latent input
         self.center_fc = nn.Linear(2, latent_dim) if center_condition else None
 
@@ -146,6 +147,7 @@ def build_generator(
     lka: bool = False,
     center_condition: bool = False,
     fused_upsample: bool = True,
+    polyphase_dilated: bool = True,
 ) -> nn.Module:
     try:
         cls = GENERATORS[kind]
@@ -158,4 +160,5 @@ def build_generator(
         lka=lka,
         center_condition=center_condition,
         fused_upsample=fused_upsample,
+        polyphase_dilated=polyphase_dilated,
     )

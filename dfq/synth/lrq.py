@@ -13,16 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfq.synth.polyphase import dilated_depthwise
+
 
 class LargeKernelAttention(nn.Module):
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, polyphase: bool = True) -> None:
         super().__init__()
+        # the dilated conv through its polyphase components (dfq/synth/polyphase.py): the same map, a
+        # plain attribute so checkpoints do not depend on it
+        self.polyphase = polyphase
         self.dw = nn.Conv2d(channels, channels, 5, padding=2, groups=channels)
         self.dw_dilated = nn.Conv2d(channels, channels, 7, padding=9, dilation=3, groups=channels)
         self.pw = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.pw(self.dw_dilated(self.dw(x)))
+        return x * self.pw(dilated_depthwise(self.dw(x), self.dw_dilated, self.polyphase))
 
 
 def cosine_logits(features: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

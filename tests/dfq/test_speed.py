@@ -87,14 +87,18 @@ def test_in_place_fake_quant_loop_equals_the_pre_speed_loop(tiny_teacher, tiny_s
     torch.testing.assert_close(_logits(fast_pipe), _logits(plain_pipe), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("switch", ["channels_last", "fused_upsample"])
-@pytest.mark.parametrize("method", ["gdfq", "dsg", "lrq"])
+@pytest.mark.parametrize(
+    "method,switch",
+    [(m, s) for m in ("gdfq", "dsg", "lrq") for s in ("channels_last", "fused_upsample")]
+    + [("lrq", "polyphase_dilated")],  # only LRQ's generator has a dilated conv
+)
 def test_speed_switch_iteration_matches_the_plain_path_from_the_same_state(
     tiny_teacher, tiny_spec, method, switch
 ):
     spec = JobSpec.model_validate({**tiny_spec.canonical(), "method": method})
     # the defaults are the optimised paths; bf16 (which changes results) is off
     assert spec.speed.channels_last and spec.speed.fused_upsample and not spec.speed.bf16
+    assert spec.speed.polyphase_dilated
     start = spec.budget.warmup_epochs * spec.budget.iters_per_epoch  # G and S both step
     runs = []
     for on in (True, False):
