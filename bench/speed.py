@@ -111,11 +111,18 @@ def measure(
         from torch.profiler import profile as prof_ctx
 
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
-        with prof_ctx(activities=acts) as prof:
+        with prof_ctx(activities=acts, record_shapes=True) as prof:
             for _ in range(min(iters, 2)):
                 pipe.train_step()
         key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-        Path(profile).write_text(prof.key_averages().table(sort_by=key, row_limit=30) + "\n")
+        # by op, then by op and input shapes (which conv of which network the time goes to)
+        tables = [
+            prof.key_averages().table(sort_by=key, row_limit=30),
+            prof.key_averages(group_by_input_shape=True).table(
+                sort_by=key, row_limit=30, max_name_column_width=30, max_shapes_column_width=120
+            ),
+        ]
+        Path(profile).write_text("\n".join(tables) + "\n")
     return out
 
 
