@@ -27,6 +27,28 @@ sys.path.insert(0, str(ROOT))
 from dfq.models.teachers import read_manifest  # noqa: E402
 from dfq.spec import _merge  # noqa: E402  (the spec's own deep merge of overrides)
 
+# The same code, spec and seed give other W3A3 results on another CPU type (docs/benchmarks.md, "The
+# same seed on another CPU"): PyTorch's own kernels, oneDNN's convolutions and MKL's GEMMs each pick
+# their code path, hence their float summation order, by the instruction set the CPU offers at run
+# time, and the loop amplifies the last bits into points. Capping all three at one instruction set
+# that most x86 CPUs have makes runs on different machines comparable seed by seed. These variables
+# are read when each library starts, so they only work in a fresh process: here, each run's own.
+ISA_ENV: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"},
+}
+ISA_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR")
+
+
+def child_env(isa: str, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of one run: ``base`` (the benchmark's own) with the ``isa`` cap applied; a capped
+    run must not inherit a different cap, so ``native`` keeps whatever the caller exported."""
+    if isa not in ISA_ENV:
+        raise ValueError(f"unknown --isa {isa!r}; known: {', '.join(ISA_ENV)}")
+    env = dict(os.environ if base is None else base)
+    env.update(ISA_ENV[isa])
+    return env
+
 
 def parse_method(arg: str) -> tuple[str, str | dict]:
     """``acq`` (a preset, combinable with '+') or ``label={"preset": "gdfq", "acq": {...}}`` (a custom
@@ -46,6 +68,7 @@ def run_one(
     runs_dir: Path,
     extra: dict,
     threads: int | None,
+    isa: str = "native",
 ) -> dict:
     """One ``dfq quantize`` process; a run that fails (e.g. a diverged student) is returned as a failure
     row with its error, so the other runs of the benchmark still happen."""
@@ -55,6 +78,7 @@ def run_one(
     digest = hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:8]
     custom = extra or isinstance(method_spec, dict)
     tag = f"{teacher}-{label}-{bits}-{budget}-s{seed}" + (f"-x{digest}" if custom else "")
+    tag += "" if isa == "native" else f"-isa-{isa}"  # a capped run is another run, never reused for one
     out = runs_dir / tag
     spec = {"method": method_spec, "bits": bits, "budget": budget, "seed": seed, "eval": "fashion-mnist"}
     spec = _merge(spec, extra)
@@ -74,7 +98,7 @@ def run_one(
     if threads:
         cmd += ["--threads", str(threads)]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=child_env(isa))
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
         error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1])
@@ -117,9 +141,11 @@ def per_seed(r: dict) -> dict:
     }
 
 
-def provenance() -> dict:
+def provenance(isa: str = "native") -> dict:
     """Which code and machine produced a results file: figures from different code versions or machines
-    are not on one scale (float reassociation moves W3A3 runs by points; contention moves wall time)."""
+    are not on one scale (float reassociation moves W3A3 runs by points; contention moves wall time).
+    ``cpu_capability`` is what this machine's PyTorch picks on its own; ``isa_env`` what the runs were
+    capped to (empty: each library chose for itself)."""
 
     def git(*args: str) -> str:
         proc = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
@@ -130,6 +156,7 @@ def provenance() -> dict:
     cpu = next(
         (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor()
     )
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
     import torch  # only here: the benchmark itself runs every job in its own process
 
     return {
@@ -139,6 +166,10 @@ def provenance() -> dict:
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "cpu_isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa": isa,
+        "isa_env": {k: v for k, v in child_env(isa).items() if k in ISA_VARS},
     }
 
 
@@ -236,17 +267,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="results file stem (default quality-<budget>)")
     p.add_argument("--extra", default="{}", help="JSON merged into every spec (e.g. overrides)")
     p.add_argument("--parallel", type=int, default=1, help="runs at once (each with --threads)")
+    p.add_argument(
+        "--isa",
+        choices=sorted(ISA_ENV),
+        default="native",
+        help="cap PyTorch, oneDNN and MKL at one instruction set (avx2) so that seeds compare across CPU types",
+    )
     args = p.parse_args(argv)
     teachers = args.teachers or sorted(read_manifest())
     extra = json.loads(args.extra)
     jobs = [
-        (teacher, method, bits, args.budget, seed, Path(args.runs_dir), extra, args.threads)
+        (teacher, method, bits, args.budget, seed, Path(args.runs_dir), extra, args.threads, args.isa)
         for teacher in teachers
         for method in args.methods
         for bits in args.bits
         for seed in args.seeds
     ]
-    code = provenance()  # before the runs: the tree they ran on, not one edited while they ran
+    code = provenance(args.isa)  # before the runs: the tree they ran on, not one edited while they ran
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:  # each run is its own process
         reports = list(pool.map(lambda job: run_one(*job), jobs))
     rows = aggregate(reports)

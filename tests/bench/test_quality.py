@@ -77,3 +77,44 @@ def test_provenance_names_the_commit_and_the_machine(quality):
     assert len(code["commit"]) == 40
     assert isinstance(code["dirty_engine"], bool)
     assert code["cores"] >= 1 and code["cpu"]
+
+
+def test_isa_cap_sets_all_three_libraries_and_native_inherits(quality):
+    base = {"PATH": "/bin", "MKL_CBWR": "COMPATIBLE"}
+    capped = quality.child_env("avx2", base)
+    assert capped["ATEN_CPU_CAPABILITY"] == "avx2"
+    assert capped["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+    assert capped["MKL_CBWR"] == "AVX2"  # a cap overrides what the caller exported
+    assert quality.child_env("native", base) == base
+    assert base == {"PATH": "/bin", "MKL_CBWR": "COMPATIBLE"}  # the caller's dict is not edited
+    with pytest.raises(ValueError, match="unknown --isa"):
+        quality.child_env("avx9", base)
+
+
+def test_isa_cap_reaches_pytorch_in_the_child_process(quality):
+    """The cap is read when torch starts: a real child process reports the capped capability (on an
+    AVX-512 machine this is where it would differ from the parent's own)."""
+    import subprocess
+    import sys
+
+    probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
+    capped = quality.child_env("avx2")
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=capped, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "AVX2"
+    env = quality.child_env("native")
+    env["ATEN_CPU_CAPABILITY"] = "default"  # the probe can tell capabilities apart at all
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "DEFAULT"
+
+
+def test_provenance_records_the_isa_cap(quality):
+    code = quality.provenance("avx2")
+    assert code["isa"] == "avx2"
+    assert code["isa_env"] == {
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_CBWR": "AVX2",
+    }
+    assert code["cpu_capability"] in {"DEFAULT", "AVX2", "AVX512", "NO AVX", "ZVECTOR", "VSX"}
