@@ -100,8 +100,7 @@ def run_one(
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=child_env(isa))
     if proc.returncode != 0:
-        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
-        error = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1])
+        error = failure_reason(proc.stderr, proc.returncode)
         print(f"  {tag}: FAILED ({error})", flush=True)
         return {
             "failed": True,
@@ -119,6 +118,17 @@ def run_one(
         flush=True,
     )
     return report
+
+
+def failure_reason(stderr: str, returncode: int) -> str:
+    """The line that says why a run failed: dfq's own ``error:`` line, else the end of the message
+    (a spec rejected by pydantic ends in a link to its docs, which says nothing about this run)."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    error = next((ln for ln in reversed(lines) if ln.startswith("error:")), None)
+    if error:
+        return error
+    tail = [ln for ln in lines[-6:] if not ln.startswith("For further information")]
+    return " ".join(tail)[:400] or f"exit status {returncode}"
 
 
 def _stats(values: list[float]) -> dict[str, float]:

@@ -118,3 +118,18 @@ def test_provenance_records_the_isa_cap(quality):
         "MKL_CBWR": "AVX2",
     }
     assert code["cpu_capability"] in {"DEFAULT", "AVX2", "AVX512", "NO AVX", "ZVECTOR", "VSX"}
+
+
+def test_a_failure_names_its_cause_not_pydantics_docs_link(quality):
+    rejected = (
+        "invalid job spec:\n1 validation error for JobSpec\nbudget.calibration_epochs\n"
+        "  Extra inputs are not permitted [type=extra_forbidden, input_value=8, input_type=int]\n"
+        "    For further information visit https://errors.pydantic.dev/2.14/v/extra_forbidden\n"
+    )
+    reason = quality.failure_reason(rejected, 2)
+    assert "budget.calibration_epochs" in reason and "Extra inputs are not permitted" in reason
+    assert "errors.pydantic.dev" not in reason
+    assert quality.failure_reason("Traceback ...\nerror: student diverged at step 3\n", 1) == (
+        "error: student diverged at step 3"
+    )
+    assert quality.failure_reason("", 137) == "exit status 137"
