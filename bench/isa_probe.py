@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines) + "\n"
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    record = {"spec": SPEC, "reference": REFERENCE, "code": provenance(), "rows": rows}
+    # The machine and code; each row names its own cap, so provenance's single-cap fields would mislead.
+    code = {k: v for k, v in provenance().items() if k not in ("isa", "isa_env")}
+    record = {"spec": SPEC, "reference": REFERENCE, "code": code, "rows": rows}
     (results / f"{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     (results / f"{args.name}.md").write_text(table)
     print(table)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,9 +96,6 @@ def test_isa_cap_sets_all_three_libraries_and_native_inherits(quality):
 def test_isa_cap_reaches_pytorch_in_the_child_process(quality):
     """The cap is read when torch starts: a real child process reports the capped capability (on an
     AVX-512 machine this is where it would differ from the parent's own)."""
-    import subprocess
-    import sys
-
     probe = "import torch; print(torch.backends.cpu.get_cpu_capability())"
     capped = quality.child_env("avx2")
     out = subprocess.run(
