@@ -151,6 +151,17 @@ def per_seed(r: dict) -> dict:
     }
 
 
+def cpu_model(cpuinfo_lines: list[str]) -> str:
+    """Family, model and stepping: the model name ("AMD EPYC") hides which CPU a virtual machine got,
+    and two of them with the same name have offered different instruction sets."""
+    fields = {}
+    for ln in cpuinfo_lines:
+        key, _, value = ln.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    parts = [f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model", "stepping") if fields.get(k)]
+    return " ".join(parts)
+
+
 def provenance(isa: str = "native") -> dict:
     """Which code and machine produced a results file: figures from different code versions or machines
     are not on one scale (float reassociation moves W3A3 runs by points; contention moves wall time).
@@ -173,6 +184,7 @@ def provenance(isa: str = "native") -> dict:
         "commit": git("rev-parse", "HEAD"),
         "dirty_engine": bool(git("status", "--porcelain", "--", "dfq")),
         "cpu": cpu,
+        "cpu_model": cpu_model(lines),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
