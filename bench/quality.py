@@ -195,6 +195,15 @@ def provenance(isa: str = "native") -> dict:
     }
 
 
+def schedule(report: dict) -> dict | None:
+    """The budget as it resolved: the preset's name and the overrides alone stop saying which schedule
+    a run had as soon as a preset's defaults change (a warm-up length was tried for ``cpu`` on 2026-12-03)."""
+    spec = report.get("spec")
+    if not spec:
+        return None
+    return {"budget": spec["budget"], "calibration_epochs": spec["quant"]["calibration_epochs"]}
+
+
 def aggregate(reports: list[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     failures = [r for r in reports if r.get("failed")]
@@ -233,6 +242,7 @@ def aggregate(reports: list[dict]) -> list[dict]:
                 "it_per_s": _stats([r["it_per_s"] for r in rs]),
                 "peak_mem_mb": max(r["peak_mem_mb"] for r in rs),
                 "iterations": rs[0]["iterations"],
+                "schedule": schedule(rs[0]),
                 "n_eval": rs[0]["n_eval"],
                 "device": rs[0]["device"],
                 "threads": rs[0]["threads"],

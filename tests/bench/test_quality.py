@@ -74,6 +74,15 @@ def test_a_failed_run_is_its_own_row_with_the_same_columns(quality):
     assert lines[2].count("|") == lines[0].count("|") == lines[3].count("|")
 
 
+def test_rows_record_the_budget_as_it_resolved(quality):
+    report = _report(0, 88.0, 90.0)
+    report["spec"] = {"budget": {"preset": "cpu", "warmup_epochs": 8}, "quant": {"calibration_epochs": 8}}
+    (row,) = quality.aggregate([report])
+    assert row["schedule"] == {"budget": {"preset": "cpu", "warmup_epochs": 8}, "calibration_epochs": 8}
+    (old,) = quality.aggregate([_report(0, 88.0, 90.0)])  # a report without its spec
+    assert old["schedule"] is None
+
+
 def test_provenance_names_the_commit_and_the_machine(quality):
     code = quality.provenance()
     assert len(code["commit"]) == 40
