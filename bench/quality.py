@@ -151,13 +151,18 @@ def per_seed(r: dict) -> dict:
     }
 
 
-def cpu_model(cpuinfo_lines: list[str]) -> str:
-    """Family, model and stepping: the model name ("AMD EPYC") hides which CPU a virtual machine got,
-    and two of them with the same name have offered different instruction sets."""
-    fields = {}
-    for ln in cpuinfo_lines:
+def cpuinfo_fields(lines: list[str]) -> dict[str, str]:
+    """``/proc/cpuinfo``'s fields of the first core (later cores repeat them)."""
+    fields: dict[str, str] = {}
+    for ln in lines:
         key, _, value = ln.partition(":")
         fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def cpu_model(fields: dict[str, str]) -> str:
+    """Family, model and stepping: the model name ("AMD EPYC") hides which CPU a virtual machine got,
+    and two of them with the same name have offered different instruction sets."""
     parts = [f"{k.split()[-1]} {fields[k]}" for k in ("cpu family", "model", "stepping") if fields.get(k)]
     return " ".join(parts)
 
@@ -173,18 +178,15 @@ def provenance(isa: str = "native") -> dict:
         return proc.stdout.strip() if proc.returncode == 0 else ""
 
     cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next(
-        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor()
-    )
-    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    fields = cpuinfo_fields(cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+    flags = fields.get("flags", "").split()
     import torch  # only here: the benchmark itself runs every job in its own process
 
     return {
         "commit": git("rev-parse", "HEAD"),
         "dirty_engine": bool(git("status", "--porcelain", "--", "dfq")),
-        "cpu": cpu,
-        "cpu_model": cpu_model(lines),
+        "cpu": fields.get("model name", platform.processor()),
+        "cpu_model": cpu_model(fields),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),

@@ -93,8 +93,8 @@ def test_provenance_names_the_commit_and_the_machine(quality):
 def test_cpu_model_reads_family_model_and_stepping_of_the_first_core(quality):
     lines = ["processor\t: 0", "cpu family\t: 25", "model\t\t: 17", "model name\t: AMD EPYC", "stepping\t: 1"]
     lines += ["processor\t: 1", "cpu family\t: 6", "model\t\t: 143"]
-    assert quality.cpu_model(lines) == "family 25 model 17 stepping 1"
-    assert quality.cpu_model([]) == ""
+    assert quality.cpu_model(quality.cpuinfo_fields(lines)) == "family 25 model 17 stepping 1"
+    assert quality.cpu_model(quality.cpuinfo_fields([])) == ""
 
 
 def test_isa_cap_sets_all_three_libraries_and_native_inherits(quality):
