@@ -164,7 +164,7 @@ class Pipeline:
         self.opt_g = torch.optim.Adam(self.generator.parameters(), lr=b.lr_g, betas=tuple(b.g_betas))
         self.opt_s = torch.optim.SGD(
             self.student.parameters(),
-            lr=b.lr_s * m.lr_s_scale,
+            lr=b.student_lr(spec.quant) * m.lr_s_scale,
             momentum=b.momentum,
             nesterov=b.nesterov,
             weight_decay=b.weight_decay,

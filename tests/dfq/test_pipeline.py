@@ -121,3 +121,14 @@ def test_a_non_finite_student_gradient_stops_the_run_before_the_step(tiny_teache
         pipe.train_step()
     after = dict(pipe.student.named_parameters())
     assert all(torch.equal(before[k], after[k]) for k in before)  # no SGD step was taken
+
+
+def test_student_optimizer_takes_the_budgets_lr_for_the_bits(tiny_teacher, tiny_spec):
+    budget = {**tiny_spec.budget.model_dump(), "lr_s": 1e-3, "lr_s_8bit": 1e-4}
+    w8 = tiny_spec.model_validate(
+        {**tiny_spec.canonical(), "quant": {"w_bits": 8, "a_bits": 8}, "budget": budget}
+    )
+    w4 = tiny_spec.model_validate({**tiny_spec.canonical(), "budget": budget})
+    scaled = w8.model_validate({**w8.canonical(), "method": {**w8.canonical()["method"], "lr_s_scale": 0.5}})
+    lrs = [_pipe(s, tiny_teacher).opt_s.param_groups[0]["lr"] for s in (w8, w4, scaled)]
+    assert lrs == [1e-4, 1e-3, 5e-5]

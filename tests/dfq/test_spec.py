@@ -92,3 +92,32 @@ def test_a_finished_report_from_an_older_dfq_is_reused(tmp_path):
     assert load_completed(tmp_path, spec)["q_top1"] == 50.0
     other = parse_spec({"method": "gdfq", "bits": "W4A4", "budget": "smoke", "seed": 1})
     assert load_completed(tmp_path, other) is None
+
+
+@pytest.mark.parametrize(
+    "bits,lr",
+    [
+        ("W8A8", 1e-4),
+        ("W8A8-F8L8", 1e-4),
+        ("W16A8", 1e-4),
+        ("W4A4", 1e-3),
+        ("W8A4", 1e-3),
+        ("W4A4-F8L8", 1e-3),
+    ],
+)
+def test_cpu_budget_keeps_the_papers_student_lr_only_when_no_layer_is_below_8_bits(bits, lr):
+    spec = parse_spec({"bits": bits, "budget": "cpu"})
+    assert spec.budget.student_lr(spec.quant) == lr
+
+
+def test_an_explicit_lr_s_applies_at_every_bit_width():
+    """A user who sets lr_s means it: the preset's 8-bit lr must not silently replace it at W8A8."""
+    spec = parse_spec({"bits": "W8A8", "budget": {"preset": "cpu", "lr_s": 5e-4}})
+    assert spec.budget.lr_s_8bit is None and spec.budget.student_lr(spec.quant) == 5e-4
+    both = parse_spec({"bits": "W8A8", "budget": {"preset": "cpu", "lr_s": 5e-4, "lr_s_8bit": 2e-5}})
+    assert both.budget.student_lr(both.quant) == 2e-5
+    assert JobSpec.model_validate(spec.canonical()) == spec  # the cleared value survives a round trip
+    # a cpu spec stored before the field existed ran at lr_s at every bit-width: never the 8-bit lr
+    stored = parse_spec({"bits": "W8A8", "budget": "cpu"}).canonical()
+    del stored["budget"]["lr_s_8bit"]
+    assert JobSpec.model_validate(stored).budget.student_lr(spec.quant) == 1e-3
