@@ -31,7 +31,9 @@ from dfq.spec import _merge  # noqa: E402  (the spec's own deep merge of overrid
 # same seed on another CPU"): PyTorch's own kernels, oneDNN's convolutions and MKL's GEMMs each pick
 # their code path, hence their float summation order, by the instruction set the CPU offers at run
 # time, and the loop amplifies the last bits into points. Capping all three at one instruction set
-# that most x86 CPUs have makes runs on different machines comparable seed by seed. These variables
+# that most x86 CPUs have makes runs on different machines of one vendor comparable seed by seed (AMD
+# EPYC with and without AVX-512: bit for bit; an Intel Xeon capped at AVX2 still computes other sums,
+# docs/benchmarks.md "Why the CPU type matters"). These variables
 # are read when each library starts, so they only work in a fresh process: here, each run's own.
 ISA_ENV: dict[str, dict[str, str]] = {
     "native": {},
@@ -305,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "--isa",
         choices=sorted(ISA_ENV),
         default="native",
-        help="cap PyTorch, oneDNN and MKL at one instruction set (avx2) so that seeds compare across CPU types",
+        help="cap PyTorch, oneDNN and MKL at one instruction set (avx2) so that seeds compare across CPU types "
+        "of one vendor (not AMD against Intel)",
     )
     args = p.parse_args(argv)
     teachers = args.teachers or sorted(read_manifest())
