@@ -307,7 +307,7 @@ BUDGET_PRESETS: dict[str, dict[str, Any]] = {
     # lr_s 1e-3, not the paper's 1e-4: with 320 student steps instead of 80k, 1e-4 barely moves the
     # student (ResNet-20 W4A4, seed 0: 84.54 at 1e-4, 86.26 at 1e-3, collapse to 10% at 1e-2). At 8 bits
     # the calibrated student already sits within a point of FP and 1e-3 only walks it away (MobileNetV2
-    # W8A8: 91.60 at 1e-4, 87.67 at 1e-3; docs/benchmarks.md "The student's lr at 8 bits"), so 8-bit
+    # W8A8 seed 0: 91.60 at 1e-4, 90.27 at 1e-3; docs/benchmarks.md "The student's lr at 8 bits"), so 8-bit
     # jobs keep the paper's 1e-4.
     "cpu": {
         "epochs": 20,
