@@ -62,7 +62,9 @@ def spatial_stages(
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape))
+            # on the model's device: a CPU probe into a CUDA model fails (this stopped every GPU job once)
+            param = next(model.parameters(), None)
+            model(torch.zeros(1, *input_shape, device=param.device if param is not None else None))
     finally:
         for h in handles:
             h.remove()

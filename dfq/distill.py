@@ -61,8 +61,10 @@ def dkd_loss(
     mask = F.one_hot(labels, student_logits.shape[1]).bool()
     p_s = F.softmax(student_logits / t, dim=1)
     p_t = F.softmax(teacher_logits.detach() / t, dim=1)
-    b_s = torch.stack([p_s[mask], p_s.masked_fill(mask, 0).sum(1)], dim=1)
-    b_t = torch.stack([p_t[mask], p_t.masked_fill(mask, 0).sum(1)], dim=1)
+    # the target's probability by gather, not p[mask]: boolean indexing waits on the device for the count
+    target = labels[:, None]
+    b_s = torch.stack([p_s.gather(1, target).squeeze(1), p_s.masked_fill(mask, 0).sum(1)], dim=1)
+    b_t = torch.stack([p_t.gather(1, target).squeeze(1), p_t.masked_fill(mask, 0).sum(1)], dim=1)
     n = student_logits.shape[0]
     tckd = F.kl_div(b_s.clamp_min(1e-12).log(), b_t, reduction="sum") * t**2 / n
     log_q_s = F.log_softmax(student_logits / t - 1000.0 * mask, dim=1)

@@ -168,7 +168,9 @@ def finish_report(
         "act_range": q.act_range,
         "budget": spec.budget.preset or "custom",
         "seed": spec.seed,
-        "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
+        "device": f"{device} ({torch.cuda.get_device_name(device)})"
+        if device.type == "cuda"
+        else str(device),
         "iterations": pipe.step,
         "teacher": json.loads(json.dumps(info.to_json())),
         "spec": spec.canonical(),

@@ -230,7 +230,9 @@ class Pipeline:
         os.replace(tmp, path)
 
     def load(self, path: str | Path) -> None:
-        self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        # onto the host: load_state_dict copies weights and optimizer state to the modules' device, and
+        # the RNG states must stay host ByteTensors (mapped to a GPU, resuming there failed)
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     # ------------------------------------------------------------------------------------ loop
 
