@@ -9,7 +9,11 @@
 #   run(command="bash bench/gpu_check.sh run", carry=[".whl", ".gpu"], timeout_s=570)
 #   # then: tar xzf <files_at>/gpu-results.tgz -C /tmp/gpu && read gpu-check.log; record docs/benchmarks.md
 #
-# Every stage has its own time limit, so a stage that runs long costs its own figures, not the others'.
+# Every stage has its own time limit, so a stage that runs long costs its own figures, not the others',
+# and all of them fit BUDGET_S (default 540 s, inside the call's 570): a stage is cut to what is left,
+# and the results are packed after every stage. The first run (2026-12-04, H200, torch 2.11.0+cu130,
+# log in bench/results/gpu-check-dec4.log) failed in every stage on a host tensor in the engine, since
+# fixed and covered by tests/dfq/test_device_placement.py.
 # QUICK=1 shrinks every stage to seconds on a CPU (DEV=cpu) to check the plumbing before spending
 # device time. What comes back under $OUT: gpu-check.log and gpu-results.tgz (bench/results/gpu-*.json
 # and .md, and the quality runs' report.json and metrics.jsonl).
@@ -26,21 +30,34 @@ prep() {
     $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d .whl "${pkgs[@]}" || return 1
-    cp /usr/share/datasets/fashion-mnist/*.gz .gpu/fashion-mnist/ || return 1
+    # the test split only: the runs there evaluate, nothing trains on real data (and the tree stays small)
+    cp /usr/share/datasets/fashion-mnist/t10k-*.gz .gpu/fashion-mnist/ || return 1
     ls .whl .gpu/fashion-mnist && du -sh .whl .gpu
 }
 
-stage() {  # stage LIMIT_S CMD...: run one stage under its own limit, log its exit status
-    local limit=$1
+stage() {  # stage LIMIT_S CMD...: one stage under its own limit, cut to what is left of the call's
+    local limit=$1 left=$((END - SECONDS - 25))
     shift
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$limit" -lt 10 ]; then
+        echo "== $(date +%T) skipped (${left}s left of the call): $*"
+        return
+    fi
     echo "== $(date +%T) limit ${limit}s: $*"
     timeout "$limit" "$@"
     local rc=$?
     echo "== $(date +%T) rc $rc$([ $rc = 124 ] && echo ' (stopped at its limit)')"
+    pack
+}
+
+pack() {  # after every stage, so a call cut short still brings back what finished
+    tar czf "$OUT/gpu-results.tgz" bench/results/gpu-* runs/bench/*/report.json runs/bench/*/metrics.jsonl \
+        2>/dev/null
 }
 
 run() {
     OUT=${OUT:-/tmp/gpu-check-out}
+    END=$((SECONDS + ${BUDGET_S:-540}))  # the device call's timeout_s less the tar and the transfers
     mkdir -p "$OUT"
     exec > >(tee "$OUT/gpu-check.log") 2>&1
     export PYTHONUNBUFFERED=1
@@ -57,29 +74,34 @@ run() {
 
     # sizes: the GPU figures the issues ask for; QUICK=1: the same stages in seconds on a CPU
     local r20=resnet20_fmnist big=(resnet18_fmnist mobilenetv2_fmnist) it=30 bit=20 wu=5 b=256 pb=200
-    local large=(resnet50@3x224x224 resnet152@3x224x224 wide_resnet101_2@3x224x224) lit=3 qs=150
+    local large=(resnet50@3x224x224 resnet152@3x224x224 wide_resnet50_2@3x224x224) lit=3 qs=110
     if [ "${QUICK:-0}" = 1 ]; then
         it=1 bit=1 wu=1 b=8 pb=8 lit=1 qs=20 large=(resnet50@3x32x32)
     fi
     local sp=(bench/speed.py --device "$dev" --warmup "$wu" --bits W4A4)
 
-    # 1. speed at batch 256 (issue 8): every preset on resnet20_fmnist, gdfq on the 3x64x64 teachers, bf16
+    # 1. speed at batch 256 (issue 8): every preset on resnet20_fmnist
     stage 100 $py "${sp[@]}" --teachers $r20 --methods gdfq dsg fdda acq lrq --iters $it --batch $b --name gpu-speed-r20
+    # 2. the paper budget's batch (200): its wall time is 80,000 of these iterations (too long for a call),
+    #    with a profile of where the time goes
+    stage 40 $py "${sp[@]}" --teachers $r20 --methods gdfq --iters $((it * 2)) --batch $pb --profile \
+        --name gpu-speed-paper-batch
+    # 3. gdfq on the 3x64x64 teachers, then bf16
     stage 45 $py "${sp[@]}" --teachers "${big[@]}" --methods gdfq --iters $bit --big-iters $bit --batch $b --name gpu-speed-big
     stage 45 $py "${sp[@]}" --teachers $r20 "${big[0]}" --methods gdfq --iters $it --big-iters $bit --batch $b \
         --speed '{"bf16": true}' --name gpu-speed-bf16
-    # 2. the paper budget's batch (200): its wall time is 80,000 of these iterations (too long for a call)
-    stage 30 $py "${sp[@]}" --teachers $r20 --methods gdfq --iters $((it * 2)) --batch $pb --name gpu-speed-paper-batch
-    # 3. the largest teacher that fits: random-init torchvision models at 224x224, 1000 classes, batch 256
+    # 4. the largest teacher that fits: random-init torchvision models at 224x224, 1000 classes, batch 256
     stage 90 $py "${sp[@]}" --teachers "${large[@]}" --methods gdfq --iters $lit --big-iters $lit --batch $b \
         --name gpu-speed-large
-    # 4. a larger budget than the CPU's (issue 3), four jobs on the one GPU at once (issue 8): the paper
+    # 5. a larger budget than the CPU's (issue 3), four jobs on the one GPU at once (issue 8): the paper
     #    recipe cut to the epochs that fit ~$qs s at the measured s/it, four jobs sharing the GPU
     local epochs
     epochs=$($py - "$qs" <<'EOF'
 import json, sys
 from pathlib import Path
-rows = json.loads(Path("bench/results/gpu-speed-paper-batch.json").read_text())["rows"]
+rows = [r for r in json.loads(Path("bench/results/gpu-speed-paper-batch.json").read_text())["rows"] if "s_per_it" in r]
+if not rows:
+    sys.exit("no s/it measured at the paper batch: the quality stage is skipped")
 s_it = rows[0]["s_per_it"] * 4 * 1.5  # four jobs share the GPU; the slowest preset here is ~1.5x gdfq
 print(max(6, min(400, int(float(sys.argv[1]) / (s_it * 200)))))
 EOF
@@ -89,20 +111,23 @@ EOF
     echo "quality stage: ${epochs:-?} epochs x $iters iterations"
     if [ -n "$epochs" ]; then
         ms=$(( epochs / 2 )),$(( epochs * 3 / 4 ))
-        stage $((qs + 60)) $py bench/quality.py --budget paper --teachers $r20 --bits W4A4 W3A3 --methods gdfq acq \
+        stage $((qs + 90)) $py bench/quality.py --budget paper --teachers $r20 --bits W4A4 W3A3 --methods gdfq acq \
             --seeds 0 --parallel 4 --threads 2 --name gpu-quality-r20 --extra "{\"budget\": {\"preset\": \"paper\", \"epochs\": $epochs, \
-\"iters_per_epoch\": $iters, \"batch_size\": $pb, \"lr_milestones\": [$ms], \"eval_every\": 0}}"
+\"iters_per_epoch\": $iters, \"batch_size\": $pb, \"lr_milestones\": [$ms], \"eval_every\": 0}, \"export\": {\"latency\": false}}"
     fi
+    # 6. a probe, on what is left: torch.compile of the student and generator (not a JobSpec switch)
+    stage 150 $py "${sp[@]}" --teachers $r20 --methods gdfq --iters $((it * 2)) --batch $pb \
+        --compile ${COMPILE:-student generator} --name gpu-speed-compile
     $py - <<'EOF'
 import json
 from pathlib import Path
 p = Path("bench/results/gpu-speed-paper-batch.json")
-if p.exists():
-    r = json.loads(p.read_text())["rows"][0]
+rows = [r for r in json.loads(p.read_text())["rows"] if "s_per_it" in r] if p.exists() else []
+for r in rows[:1]:
     print(f"paper budget estimate: {r['s_per_it']:.4f} s/it x 80,000 = {r['s_per_it'] * 80000 / 60:.1f} min "
           f"on {r['device']} (resnet20_fmnist gdfq W4A4, batch {r['batch']}; evaluation not included)")
 EOF
-    tar czf "$OUT/gpu-results.tgz" bench/results/gpu-* runs/bench/*/report.json runs/bench/*/metrics.jsonl 2>/dev/null
+    pack
     ls -la "$OUT"
 }
 

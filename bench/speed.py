@@ -11,6 +11,8 @@ less than wall time.
     # before/after: run every configuration in this tree and in another checkout, interleaved
     python bench/speed.py --vs-root ../base --name speed-ab
     # opt-in switches: --speed '{"bf16": true}'; --profile writes a torch.profiler table per configuration
+    # a probe, not a JobSpec switch: --compile student generator (torch.compile in place; warmup_s shows
+    # what compiling cost)
 
 Writes bench/results/<name>.json and <name>.md and prints the table.
 """
@@ -42,6 +44,7 @@ def measure(
     threads: int | None,
     profile: str | None,
     speed: dict | None,
+    compile: list[str] | None = None,
 ) -> dict:
     """One configuration, in this process (the ``dfq`` on sys.path is the one measured)."""
     import torch
@@ -74,8 +77,18 @@ def measure(
         pipe = Pipeline(spec, model, num_classes, input_shape, dev)
         pipe.step = 1  # past the one-iteration warm-up epoch
         set_calibration(pipe.student, True)
+        if compile:
+            # ActQuant's update count is a Python int (no device sync); as a static int it would recompile
+            # the student at every calibrating step
+            torch._dynamo.config.allow_unspec_int_on_nn_module = True
+        for name in compile or []:  # in place: the pipeline keeps its modules, their calls go compiled
+            getattr(pipe, name).compile()
+        tw = time.perf_counter()
         for _ in range(max(warmup, 1)):
             pipe.train_step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - tw  # what compiling costs shows here
     except torch.OutOfMemoryError as e:  # "the largest teacher that fits" needs the ones that do not
         return {"teacher": teacher, "method": method, "bits": bits, "batch": batch, "oom": str(e)[:300]}
     if dev.type == "cuda":
@@ -93,6 +106,8 @@ def measure(
         "bits": bits,
         "batch": batch,
         "iters": iters,
+        "warmup_s": warmup_s,
+        "compile": compile or [],
         "s_per_it": dt / iters,
         "cpu_s_per_it": dc / iters,
         "it_per_s": iters / dt,
@@ -163,10 +178,10 @@ def markdown(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r.get("oom"):
+        if r.get("oom") or r.get("error"):
             lines.append(
                 f"| {r['tree']} | {r['teacher']} | {r['method']} | {r['bits']} | {r['batch']} | "
-                "out of memory | | | | | | |"
+                f"{'out of memory' if r.get('oom') else 'failed'} | | | | | | |"
             )
             continue
         lines.append(
@@ -200,8 +215,9 @@ def split(results_dir: Path, stems: list[str]) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:  # pairs only within one interleaved run
-        base = {tuple(r[k] for k in key): r for r in run["rows"] if r["tree"] == "base"}
-        for r in run["rows"]:
+        ok = [r for r in run["rows"] if not (r.get("oom") or r.get("error"))]
+        base = {tuple(r[k] for k in key): r for r in ok if r["tree"] == "base"}
+        for r in ok:
             b = base.get(tuple(r[k] for k in key))
             if r["tree"] != "this" or b is None:
                 continue
@@ -232,6 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         "--vs-root", type=Path, default=None, help="another checkout, run interleaved (tree 'base')"
     )
     p.add_argument("--profile", action="store_true", help="write a torch.profiler table per configuration")
+    p.add_argument(
+        "--compile",
+        nargs="+",
+        choices=["teacher", "student", "generator"],
+        default=None,
+        help="torch.compile these networks in place (a probe: not a JobSpec switch); warm-up absorbs compiling",
+    )
     p.add_argument("--name", default=None, help="results file stem (default speed-<device>)")
     p.add_argument(
         "--split",
@@ -279,12 +302,25 @@ def main(argv: list[str] | None = None) -> int:
                         "threads": args.threads,
                         "profile": str(prof) if args.profile else None,
                         "speed": args.speed if tree == "this" else None,
+                        "compile": args.compile if tree == "this" else None,
                     }
-                    row = {"tree": tree, **run_one(root, cfg)}
+                    try:
+                        row = {"tree": tree, **run_one(root, cfg)}
+                    except RuntimeError as e:  # one configuration's failure costs its row, not the others'
+                        print(e, file=sys.stderr, flush=True)
+                        row = {
+                            "tree": tree,
+                            "teacher": teacher,
+                            "method": method,
+                            "bits": bits,
+                            "batch": batch,
+                            "error": str(e)[-1500:],
+                        }
                     rows.append(row)
                     write(results_dir, stem, meta, rows)  # after every row: a killed run keeps its rows
-                    if row.get("oom"):
-                        print(f"{tree:5s} {teacher:20s} {method:5s} {bits:5s} out of memory", flush=True)
+                    if row.get("oom") or row.get("error"):
+                        what = "out of memory" if row.get("oom") else "failed"
+                        print(f"{tree:5s} {teacher:20s} {method:5s} {bits:5s} {what}", flush=True)
                         continue
                     print(
                         f"{tree:5s} {teacher:20s} {method:5s} {bits:5s} {row['s_per_it']:7.3f} s/it "
