@@ -52,7 +52,7 @@ stage() {  # stage LIMIT_S CMD...: one stage under its own limit, cut to what is
 
 pack() {  # after every stage, so a call cut short still brings back what finished
     tar czf "$OUT/gpu-results.tgz" bench/results/gpu-* runs/bench/*/report.json runs/bench/*/metrics.jsonl \
-        2>/dev/null
+        runs/gpu-smoke/*/report.json 2>/dev/null
 }
 
 run() {
@@ -80,6 +80,16 @@ run() {
     fi
     local sp=(bench/speed.py --device "$dev" --warmup "$wu" --bits W4A4)
 
+    # 0. end to end on the smoke budget (train, evaluate, export): all four methods composed in one job, and
+    #    GDFQ under bf16; the first thing to fail if the engine mixes host and device tensors again (each job
+    #    took ~90 s on the 2-core CPU here, most of it the export)
+    stage 120 bash -c 'for m in dsg+fdda+acq+lrq gdfq-bf16; do
+            "$0" -m dfq.cli quantize --teacher resnet20_fmnist --method ${m%-bf16} --bits W4A4 --budget smoke \
+                --device "$1" --eval fashion-mnist --out runs/gpu-smoke/$m \
+                $([ "$m" = gdfq-bf16 ] && echo --spec {\"speed\":{\"bf16\":true}}) >/dev/null \
+                || echo "smoke $m FAILED"
+        done
+        grep -o "\"q_top1\": [0-9.]*" runs/gpu-smoke/*/report.json' "$py" "$dev"
     # 1. speed at batch 256 (issue 8): every preset on resnet20_fmnist
     stage 100 $py "${sp[@]}" --teachers $r20 --methods gdfq dsg fdda acq lrq --iters $it --batch $b --name gpu-speed-r20
     # 2. the paper budget's batch (200): its wall time is 80,000 of these iterations (too long for a call),
