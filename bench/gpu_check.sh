@@ -112,15 +112,17 @@ from pathlib import Path
 rows = [r for r in json.loads(Path("bench/results/gpu-speed-paper-batch.json").read_text())["rows"] if "s_per_it" in r]
 if not rows:
     sys.exit("no s/it measured at the paper batch: the quality stage is skipped")
-s_it = rows[0]["s_per_it"] * 4 * 1.5  # four jobs share the GPU; the slowest preset here is ~1.5x gdfq
-print(max(6, min(400, int(float(sys.argv[1]) / (s_it * 200)))))
+s_it = rows[0]["s_per_it"] * 2  # acq is ~1.2x gdfq; four jobs sharing the H200 cost each ~5% (2026-12-04)
+print(max(8, min(400, int(float(sys.argv[1]) / (s_it * 200)))))
 EOF
 )
     local iters=200 ms
     [ "${QUICK:-0}" = 1 ] && iters=2
     echo "quality stage: ${epochs:-?} epochs x $iters iterations"
     if [ -n "$epochs" ]; then
-        ms=$(( epochs / 2 )),$(( epochs * 3 / 4 ))
+        # the lr decays fall in the student's epochs, after the 4 warm-up ones (epochs/2 and 3/4 put both
+        # inside the warm-up at 6 epochs on 2026-12-04: the students trained at lr 1e-6)
+        ms=$(( 4 + (epochs - 4) / 2 )),$(( 4 + (epochs - 4) * 3 / 4 ))
         stage $((qs + 90)) $py bench/quality.py --budget paper --teachers $r20 --bits W4A4 W3A3 --methods gdfq acq \
             --seeds 0 --parallel 4 --threads 2 --name gpu-quality-r20 --extra "{\"budget\": {\"preset\": \"paper\", \"epochs\": $epochs, \
 \"iters_per_epoch\": $iters, \"batch_size\": $pb, \"lr_milestones\": [$ms], \"eval_every\": 0}, \"export\": {\"latency\": false}}"

@@ -156,7 +156,28 @@ def _teacher(name: str) -> tuple:
     shape, _, classes = rest.partition("/")
     c, h, w = (int(v) for v in shape.lower().split("x"))
     k = int(classes) if classes else 1000
-    return build_model(arch, k, c), k, (c, h, w)
+    model = build_model(arch, k, c)
+    _settle_bn(model, (c, h, w))
+    return model, k, (c, h, w)
+
+
+def _settle_bn(model, shape: tuple[int, int, int], batches: int = 2, n: int = 8) -> None:
+    """BN running statistics measured on Gaussian inputs, as a trained teacher's describe its data.
+
+    With the init's (0, 1) every eval-mode BN is the identity, so a deep random ResNet's activations grow
+    block after block; at 3x224x224 the W4A4 student's loss was NaN by its second step (resnet50, on the
+    H200 and on this CPU) and the row measured nothing. Settled statistics keep the scale of a trained one."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # a plain average over the batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(n, *shape))
+    model.eval()
 
 
 def run_one(root: Path, cfg: dict) -> dict:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,3 +47,13 @@ def test_split_pairs_only_rows_that_measured(speed, tmp_path, monkeypatch):
     compare = (tmp_path / "speed-compare.md").read_text()
     assert "| 2.00x |" in compare  # base 1.0 s/it against this 0.5
     assert compare.count("| resnet20_fmnist |") == 1
+
+
+def test_a_random_teacher_gets_measured_bn_statistics(speed):
+    """The init's (0, 1) make every eval-mode BN the identity; the bench settles them on inputs first."""
+    model, classes, shape = speed._teacher("resnet20@1x28x28/10")
+    assert (classes, shape) == (10, (1, 28, 28))
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not model.training
+    assert all(not torch.equal(bn.running_var, torch.ones_like(bn.running_var)) for bn in bns)
+    assert all(bn.num_batches_tracked.item() == 2 for bn in bns)
