@@ -231,7 +231,8 @@ class Pipeline:
 
     def load(self, path: str | Path) -> None:
         # onto the host: load_state_dict copies weights and optimizer state to the modules' device, and
-        # the RNG states must stay host ByteTensors (mapped to a GPU, resuming there failed)
+        # the RNG states must stay host ByteTensors (mapped to a GPU, a resume there would fail: found by
+        # tests/dfq/test_device_placement.py on the meta device)
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
     # ------------------------------------------------------------------------------------ loop
