@@ -91,8 +91,7 @@ def measure(
         warmup_s = time.perf_counter() - tw  # what compiling costs shows here
     except torch.OutOfMemoryError as e:  # "the largest teacher that fits" needs the ones that do not
         return {"teacher": teacher, "method": method, "bits": bits, "batch": batch, "oom": str(e)[:300]}
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    if dev.type == "cuda":  # synchronised after the warm-up above
         torch.cuda.reset_peak_memory_stats()
     t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(iters):
@@ -193,16 +192,21 @@ def run_one(root: Path, cfg: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def failure(row: dict) -> str | None:
+    """Why a configuration has no timings ('out of memory', 'failed'), or None when it measured."""
+    return "out of memory" if row.get("oom") else "failed" if row.get("error") else None
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| tree | teacher | method | bits | batch | iters | s/it | CPU s/it | it/s | img/s | peak RSS MB | threads |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        if r.get("oom") or r.get("error"):
+        if failure(r):
             lines.append(
                 f"| {r['tree']} | {r['teacher']} | {r['method']} | {r['bits']} | {r['batch']} | "
-                f"{'out of memory' if r.get('oom') else 'failed'} | | | | | | |"
+                f"{failure(r)} | | | | | | |"
             )
             continue
         lines.append(
@@ -236,7 +240,7 @@ def split(results_dir: Path, stems: list[str]) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:  # pairs only within one interleaved run
-        ok = [r for r in run["rows"] if not (r.get("oom") or r.get("error"))]
+        ok = [r for r in run["rows"] if not failure(r)]
         base = {tuple(r[k] for k in key): r for r in ok if r["tree"] == "base"}
         for r in ok:
             b = base.get(tuple(r[k] for k in key))
@@ -339,9 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                         }
                     rows.append(row)
                     write(results_dir, stem, meta, rows)  # after every row: a killed run keeps its rows
-                    if row.get("oom") or row.get("error"):
-                        what = "out of memory" if row.get("oom") else "failed"
-                        print(f"{tree:5s} {teacher:20s} {method:5s} {bits:5s} {what}", flush=True)
+                    if failure(row):
+                        print(f"{tree:5s} {teacher:20s} {method:5s} {bits:5s} {failure(row)}", flush=True)
                         continue
                     print(
                         f"{tree:5s} {teacher:20s} {method:5s} {bits:5s} {row['s_per_it']:7.3f} s/it "

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.scripts import load_bench
 
 
 @pytest.fixture(scope="module")
 def speed():
-    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("speed")
 
 
 def _row(tree: str, s_per_it: float, **extra) -> dict:
@@ -37,7 +32,7 @@ def test_failed_and_out_of_memory_rows_keep_their_place(speed):
     assert "| failed |" in body[1] and "| out of memory |" in body[2]
 
 
-def test_split_pairs_only_rows_that_measured(speed, tmp_path, monkeypatch):
+def test_split_pairs_only_rows_that_measured(speed, tmp_path):
     rows = [_row("base", 1.0), _row("this", 0.5), {**_row("this", 0.1), "error": "boom"}]
     for r in rows[2:]:
         for k in ("s_per_it", "cpu_s_per_it", "it_per_s", "img_per_s", "peak_mem_mb"):
