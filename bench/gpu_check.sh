@@ -90,6 +90,13 @@ run() {
                 || echo "smoke $m FAILED"
         done
         grep -o "\"q_top1\": [0-9.]*" runs/gpu-smoke/*/report.json' "$py" "$dev"
+    # 0b. a whole job with speed.compile (the student and generator torch.compile'd: 1.76x per iteration in
+    #     the 2026-12-04 probe, opt-in until a whole GPU job has run with it; on the CPU here the same job
+    #     took 3m14s, most of it compiling)
+    stage 180 bash -c '"$0" -m dfq.cli quantize --teacher resnet20_fmnist --method gdfq --bits W4A4 --budget smoke \
+            --device "$1" --eval fashion-mnist --out runs/gpu-smoke/gdfq-compile --spec {\"speed\":{\"compile\":true}} \
+            >/dev/null || echo "smoke gdfq-compile FAILED"
+        grep -o "\"q_top1\": [0-9.]*" runs/gpu-smoke/gdfq-compile/report.json' "$py" "$dev"
     # 1. speed at batch 256 (issue 8): every preset on resnet20_fmnist
     stage 100 $py "${sp[@]}" --teachers $r20 --methods gdfq dsg fdda acq lrq --iters $it --batch $b --name gpu-speed-r20
     # 2. the paper budget's batch (200): its wall time is 80,000 of these iterations (too long for a call),
@@ -127,9 +134,15 @@ EOF
             --seeds 0 --parallel 4 --threads 2 --name gpu-quality-r20 --extra "{\"budget\": {\"preset\": \"paper\", \"epochs\": $epochs, \
 \"iters_per_epoch\": $iters, \"batch_size\": $pb, \"lr_milestones\": [$ms], \"eval_every\": 0}, \"export\": {\"latency\": false}}"
     fi
-    # 6. a probe, on what is left: torch.compile of the student and generator (not a JobSpec switch)
-    stage 150 $py "${sp[@]}" --teachers $r20 --methods gdfq --iters $((it * 2)) --batch $pb \
-        --compile ${COMPILE:-student generator} --name gpu-speed-compile
+    # 6. on what is left: speed.compile at the paper batch (the student and generator; COMPILE="teacher ..."
+    #    probes other modules with bench/speed.py --compile instead)
+    if [ -n "${COMPILE:-}" ]; then
+        stage 150 $py "${sp[@]}" --teachers $r20 --methods gdfq --iters $((it * 2)) --batch $pb \
+            --compile $COMPILE --name gpu-speed-compile
+    else
+        stage 150 $py "${sp[@]}" --teachers $r20 --methods gdfq --iters $((it * 2)) --batch $pb \
+            --speed '{"compile": true}' --name gpu-speed-compile
+    fi
     $py - <<'EOF'
 import json
 from pathlib import Path

@@ -11,7 +11,8 @@ less than wall time.
     # before/after: run every configuration in this tree and in another checkout, interleaved
     python bench/speed.py --vs-root ../base --name speed-ab
     # opt-in switches: --speed '{"bf16": true}'; --profile writes a torch.profiler table per configuration
-    # a probe, not a JobSpec switch: --compile student generator (torch.compile in place; warmup_s shows
+    # a probe of other modules than the JobSpec switch (--speed '{"compile": true}' compiles the student and
+    # generator): --compile teacher student generator (torch.compile in place; warmup_s shows
     # what compiling cost)
 
 Writes bench/results/<name>.json and <name>.md and prints the table.
@@ -278,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         choices=["teacher", "student", "generator"],
         default=None,
-        help="torch.compile these networks in place (a probe: not a JobSpec switch); warm-up absorbs compiling",
+        help="torch.compile these networks in place (a probe; speed.compile is the switch for the student "
+        "and generator); warm-up absorbs compiling",
     )
     p.add_argument("--name", default=None, help="results file stem (default speed-<device>)")
     p.add_argument(

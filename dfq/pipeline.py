@@ -28,7 +28,7 @@ from dfq.distill import student_loss
 from dfq.evaluate import predict, top1
 from dfq.quant import quantize, set_calibration
 from dfq.spec import JobSpec, same_spec
-from dfq.speed import as_float32, autocast, set_memory_format
+from dfq.speed import as_float32, autocast, compile_networks, set_memory_format
 from dfq.synth.bn_stats import bn_layers
 from dfq.synth.generators import build_generator
 from dfq.synth.objective import GeneratorObjective
@@ -181,6 +181,8 @@ class Pipeline:
         # ACQ generators also take an attention center: snapshots use a fixed spread of centers
         self.sample_c = torch.rand(len(self.sample_y), 2, generator=g).to(self.device) if m.acq else None
         set_memory_format(self._networks(), spec.speed.channels_last)
+        if spec.speed.compile:
+            compile_networks([self.student, self.generator], True)
 
     def _networks(self) -> list[nn.Module]:
         twin = self.objective.twin
@@ -383,4 +385,5 @@ class Pipeline:
                 emit(Event("checkpoint", phase, self.step, self.total, epoch))
         set_calibration(self.student, False)
         set_memory_format(self._networks(), False)  # exports (safetensors) need contiguous NCHW tensors
+        compile_networks([self.student, self.generator], False)  # export traces them again, eager
         return self.history

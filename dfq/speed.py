@@ -26,6 +26,25 @@ def set_memory_format(modules: list[nn.Module], channels_last: bool) -> None:
         module.to(memory_format=fmt)
 
 
+def compile_networks(modules: list[nn.Module], on: bool) -> None:
+    """``torch.compile`` the modules in place (``speed.compile``), or hand them back eager.
+
+    In place (``nn.Module.compile``), so parameters, state_dict keys, hooks and the optimizers'
+    references are the eager modules' own, and checkpoints do not depend on the switch. The activation
+    quantizers keep their update count as a Python int (no host sync per forward); dynamo would
+    specialise on it and recompile the student at every calibrating step, so ints on modules are
+    compiled unspecialised (``allow_unspec_int_on_nn_module``, a process-wide dynamo setting). Undone at
+    the end of a run because export traces the modules again (torch.export, ONNX) and wants them eager.
+    """
+    if on:
+        torch._dynamo.config.allow_unspec_int_on_nn_module = True
+    for module in modules:
+        if on:
+            module.compile()
+        else:  # what nn.Module.compile set; no public API to undo it
+            module._compiled_call_impl = None
+
+
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
     """bfloat16 autocast for the networks' convs/linears when ``speed.bf16`` is on (a no-op otherwise)."""
     if not enabled:

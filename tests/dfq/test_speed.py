@@ -140,3 +140,23 @@ def test_run_hands_back_contiguous_networks(tiny_teacher, tiny_spec):
     pipe.run()
     for net in (pipe.student, pipe.generator, pipe.teacher):  # safetensors export needs contiguous
         assert all(t.is_contiguous() for t in net.state_dict().values())
+
+
+def test_compile_switch_trains_close_to_eager_and_hands_back_eager_networks(tiny_teacher, tiny_spec):
+    """``speed.compile`` (inductor on CPU here: slow to compile, so one test covers the whole run)."""
+    start = tiny_spec.budget.warmup_epochs * tiny_spec.budget.iters_per_epoch  # G and S both step
+    eager = _pipe(tiny_spec, tiny_teacher, start)  # each pipeline seeds the RNGs: build, then step
+    b = eager.train_step()
+    compiled = _pipe(_spec(tiny_spec, compile=True), tiny_teacher, start)
+    assert compiled.student._compiled_call_impl is not None
+    assert compiled.student.state_dict().keys() == eager.student.state_dict().keys()
+    a = compiled.train_step()
+    for key in ("g_loss", "g_bns", "g_ce", "s_loss", "s_ce"):
+        assert a[key] == pytest.approx(b[key], rel=ONE_STEP_RTOL, abs=1e-7), key
+    compiled.step += 1
+    history = compiled.run()  # the rest of the budget: calibration switched off, sample grids (no_grad)
+    assert compiled.step == compiled.total and torch.isfinite(torch.tensor(history["train_s"]))
+    for net in (compiled.student, compiled.generator):  # export traces them again: eager, NCHW
+        assert net._compiled_call_impl is None
+    logits = _logits(compiled)  # the trained student, called eager
+    assert logits.shape == (16, 10) and torch.isfinite(logits).all()
