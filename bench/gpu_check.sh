@@ -136,13 +136,10 @@ EOF
     fi
     # 6. on what is left: speed.compile at the paper batch (the student and generator; COMPILE="teacher ..."
     #    probes other modules with bench/speed.py --compile instead)
-    if [ -n "${COMPILE:-}" ]; then
-        stage 150 $py "${sp[@]}" --teachers $r20 --methods gdfq --iters $((it * 2)) --batch $pb \
-            --compile $COMPILE --name gpu-speed-compile
-    else
-        stage 150 $py "${sp[@]}" --teachers $r20 --methods gdfq --iters $((it * 2)) --batch $pb \
-            --speed '{"compile": true}' --name gpu-speed-compile
-    fi
+    local how=(--speed '{"compile": true}')
+    [ -n "${COMPILE:-}" ] && read -ra how <<< "--compile $COMPILE"
+    stage 150 $py "${sp[@]}" --teachers $r20 --methods gdfq --iters $((it * 2)) --batch $pb "${how[@]}" \
+        --name gpu-speed-compile
     $py - <<'EOF'
 import json
 from pathlib import Path
