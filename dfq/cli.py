@@ -21,13 +21,21 @@ def _parse_shape(text: str) -> tuple[int, int]:
     return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
 
 
+def _read_spec_text(value: str) -> str:
+    """``--spec`` is a JSON file's path or the JSON itself. JSON text longer than the OS allows for a
+    file name (255 bytes) makes ``stat`` raise instead of answering "no such file", so text that opens
+    like a JSON object is never taken for a path."""
+    if value.lstrip().startswith("{"):
+        return value
+    return Path(value).read_text() if Path(value).is_file() else value
+
+
 def _spec_from_args(args: argparse.Namespace) -> Any:
     from dfq.spec import JobSpec
 
     data: dict[str, Any] = {}
     if args.spec:
-        text = Path(args.spec).read_text() if Path(args.spec).is_file() else args.spec
-        data = json.loads(text)
+        data = json.loads(_read_spec_text(args.spec))
     for key in ("method", "bits", "budget", "seed", "device", "eval"):
         value = getattr(args, key)
         if value is not None:

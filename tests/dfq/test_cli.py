@@ -64,3 +64,14 @@ def test_sigkill_then_same_command_resumes(tmp_path):
     # and a third run finds the finished report instead of training again
     again = _dfq(*args, timeout=120)
     assert again.returncode == 0 and "already holds a finished run" in again.stderr
+
+
+def test_spec_is_json_text_or_a_file_even_when_longer_than_a_file_name(tmp_path):
+    # JSON text over 255 bytes once crashed the path check (OSError: File name too long)
+    from dfq.cli import _read_spec_text
+
+    long = json.dumps({"quant": {"act_clip": "bn-mse"}, "budget": {"lr_milestones": list(range(80))}})
+    assert len(long) > 255 and _read_spec_text(long) == long
+    f = tmp_path / "spec.json"
+    f.write_text(long)
+    assert _read_spec_text(str(f)) == long
