@@ -166,6 +166,8 @@ def finish_report(
         "layers": q.layers_label,
         "kd_reduction": m.kd_reduction,
         "act_range": q.act_range,
+        "act_clip": q.act_clip,
+        "act_ste": q.act_ste,
         "budget": spec.budget.preset or "custom",
         "seed": spec.seed,
         "device": f"{device} ({torch.cuda.get_device_name(device)})"

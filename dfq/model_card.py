@@ -45,7 +45,8 @@ def _switches(spec: JobSpec) -> list[list[Any]]:
         ["per-channel weights", q.per_channel],
         [
             "activation range EMA",
-            f"{q.act_range} (beta {q.ema_beta}, {q.calibration_epochs} calibration epochs)",
+            f"{q.act_range} (beta {q.ema_beta}, {q.calibration_epochs} calibration epochs); "
+            f"rule {q.act_clip}, STE {q.act_ste}",
         ],
         ["generator", m.generator],
         ["KD", f"alpha {m.kd_alpha}, T {m.kd_temperature}, reduction {m.kd_reduction}"],

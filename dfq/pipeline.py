@@ -27,6 +27,7 @@ from dfq.data import LabelledSet, Preprocess
 from dfq.distill import student_loss
 from dfq.evaluate import predict, top1
 from dfq.quant import quantize, set_calibration
+from dfq.quant.bn_ranges import set_ranges_from_bn
 from dfq.spec import JobSpec, same_spec
 from dfq.speed import as_float32, autocast, compile_networks, set_memory_format
 from dfq.synth.bn_stats import bn_layers
@@ -144,6 +145,8 @@ class Pipeline:
         if not bn_layers(self.teacher):
             raise ValueError("the teacher has no BatchNorm layers: nothing for the generator to match")
         self.student = quantize(self.teacher, spec.quant).to(self.device).eval()
+        if spec.quant.act_clip == "bn-mse":
+            set_ranges_from_bn(self.student, self.input_shape)
         for p in self.student.parameters():
             p.requires_grad_(True)
         m, b = spec.method, spec.budget

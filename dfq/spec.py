@@ -45,6 +45,17 @@ class QuantSpec(_Strict):
         description="activation-range EMA: debiased (correct bias-corrected EMA, default), plain (FDDA), "
         "gdfq-compounding (the reference's re-applied correction; parity only)",
     )
+    act_clip: Literal["minmax", "bn-mse"] = Field(
+        "minmax",
+        description="activation ranges: minmax (the reference: EMA of synthetic batches' min/max) or bn-mse "
+        "(at BN->ReLU sites, the least-squared-error range of the Gaussians the teacher's BN describes, "
+        "fixed; other sites minmax)",
+    )
+    act_ste: Literal["identity", "clipped"] = Field(
+        "identity",
+        description="activation quantizers' backward: identity (the reference: clipped values pass their "
+        "gradient) or clipped (zero gradient outside the range, as PyTorch's fake-quant kernels)",
+    )
 
     _bits = field_validator("w_bits", "a_bits", "first_layer_bits", "last_layer_bits")(
         classmethod(lambda cls, v: _check_bits(v))

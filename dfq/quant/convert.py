@@ -91,11 +91,13 @@ def _requantize_traced(module: nn.Module, make: callable) -> tuple[nn.Module, in
     return gm, len(sites)
 
 
-def insert_activation_quantizers(model: nn.Module, bits: int, beta: float, ema: str) -> tuple[nn.Module, int]:
+def insert_activation_quantizers(
+    model: nn.Module, bits: int, beta: float, ema: str, ste: str = "identity"
+) -> tuple[nn.Module, int]:
     """Returns the (possibly new) root module and the number of quantizers inserted."""
 
     def make() -> ActQuant:
-        return ActQuant(bits, beta, ema)
+        return ActQuant(bits, beta, ema, ste)
 
     def visit(module: nn.Module) -> tuple[nn.Module, int]:
         total = 0
@@ -135,7 +137,9 @@ def quantize(model: nn.Module, spec) -> nn.Module:
             bits = spec.last_layer_bits
         cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
         _set_child(student, path, cls.from_float(layer, bits, spec.per_channel))
-    student, n_act = insert_activation_quantizers(student, spec.a_bits, spec.ema_beta, spec.act_range)
+    student, n_act = insert_activation_quantizers(
+        student, spec.a_bits, spec.ema_beta, spec.act_range, spec.act_ste
+    )
     if n_act == 0 and spec.a_bits < FLOAT_BITS:
         log.warning("no ReLU/ReLU6 found: activations will not be quantized")
     return student.train(model.training)

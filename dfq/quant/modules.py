@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfq.quant.quantizer import fake_quantize, per_channel_range, per_tensor_range
+from dfq.quant.quantizer import SteMode, fake_quantize, per_channel_range, per_tensor_range
 
 FLOAT_BITS = 32  # "bits = 32" means: leave this tensor in floating point
 
@@ -87,11 +87,17 @@ class ActQuant(nn.Module):
     - ``plain``: FDDA's EMA, initialised with the first batch's value, no correction.
     - ``gdfq-compounding``: the GDFQ/ZeroQ reference, which stores the *corrected* value and corrects it
       again at every update, inflating ranges early on. Parity switch only.
+
+    A quantizer can instead hold a fixed range (:meth:`fix_range`, ``quant.act_clip = "bn-mse"``) that
+    calibration leaves alone.
     """
 
-    def __init__(self, bits: int, beta: float = 0.9, ema: EmaMode = "debiased") -> None:
+    def __init__(
+        self, bits: int, beta: float = 0.9, ema: EmaMode = "debiased", ste: SteMode = "identity"
+    ) -> None:
         super().__init__()
-        self.bits, self.beta, self.ema = bits, beta, ema
+        self.bits, self.beta, self.ema, self.ste = bits, beta, ema, ste
+        self.fixed = False  # set again by the job at every start (resume included), so not a buffer
         self.calibrating = False
         self.register_buffer("raw_min", torch.zeros(()))
         self.register_buffer("raw_max", torch.zeros(()))
@@ -103,10 +109,21 @@ class ActQuant(nn.Module):
         self.n_updates = 0
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, beta={self.beta}, ema={self.ema}"
+        return f"bits={self.bits}, beta={self.beta}, ema={self.ema}, ste={self.ste}, fixed={self.fixed}"
+
+    @torch.no_grad()
+    def fix_range(self, lo: float, hi: float) -> None:
+        """Hold [lo, hi] from now on, stored as one EMA update so ``range()`` and checkpoints read it."""
+        scale = 1 - self.beta if self.ema == "debiased" else 1.0
+        self.raw_min.fill_(lo * scale)
+        self.raw_max.fill_(hi * scale)
+        self.updates.fill_(1)
+        self.n_updates, self.fixed = 1, True
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
+        if self.fixed:
+            return
         lo, hi = torch.aminmax(x.detach())
         b = self.beta
         if self.ema == "plain" and self.n_updates == 0:
@@ -145,7 +162,7 @@ class ActQuant(nn.Module):
                 "and forward some inputs) before using the quantized model"
             )
         lo, hi = self.range()
-        return fake_quantize(x, self.bits, lo, hi)
+        return fake_quantize(x, self.bits, lo, hi, self.ste)
 
 
 def set_calibration(model: nn.Module, on: bool) -> None:

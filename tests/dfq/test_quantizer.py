@@ -147,3 +147,26 @@ def test_frozen_quantizer_forward_reads_no_tensor_on_the_host():
     explained = torch._dynamo.explain(q)(x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
     assert torch.equal(torch.compile(q, backend="eager")(x), q(x))
+
+
+def test_clipped_ste_by_hand():
+    # range [0, 1.5], 2 bits: scale 2, zp 2, q = round(2x - 2) on [-2, 1]:
+    # x = -1 -> -4 (clipped), 0.3 -> -1, 0.9 -> 0, 1.5 -> 1 (on the grid's edge), 2 -> 2 (clipped)
+    x = torch.tensor([-1.0, 0.3, 0.9, 1.5, 2.0], requires_grad=True)
+    y = fake_quantize(x, 2, torch.tensor(0.0), torch.tensor(1.5), ste="clipped")
+    y.backward(torch.arange(1.0, 6.0))
+    assert y.tolist() == [0.0, 0.5, 1.0, 1.5, 1.5]
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 0.0]
+    x.grad = None
+    same = fake_quantize(x, 2, torch.tensor(0.0), torch.tensor(1.5))  # the reference: identity everywhere
+    same.backward(torch.arange(1.0, 6.0))
+    assert torch.equal(same, y) and x.grad.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+def test_act_quant_passes_its_ste_mode():
+    q = ActQuant(2, ste="clipped")
+    _observe(q, 0.0, 1.5, 1)
+    q.calibrating = False
+    x = torch.tensor([-1.0, 0.9, 2.0], requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 0.0]
