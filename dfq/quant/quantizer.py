@@ -104,13 +104,24 @@ def fake_quantize(
     return fn.apply(x, scale, zp, qmin, qmax)
 
 
-def fake_quantize_ops(x: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+def fake_quantize_ops(
+    x: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.Tensor, ste: SteMode = "identity"
+) -> torch.Tensor:
     """dfq's pre-speed composition ``x + (xq - x).detach()``: same gradient, same forward up to the last
-    float bit. Kept as the plain path the equivalence tests compare :func:`fake_quantize` against."""
+    float bit. Kept as the plain path the equivalence tests compare :func:`fake_quantize` against
+    (``ste="clipped"`` keeps the gradient only where the value was inside the grid)."""
     with torch.no_grad():
         lo, hi = lo.detach(), hi.detach()
         xq = dequantize(quantize_to_int(x, bits, lo, hi), bits, lo, hi)
-    return x + (xq - x).detach()
+    out = x + (xq - x).detach()
+    if ste == "clipped":
+        with torch.no_grad():
+            scale, zp = asymmetric_params(bits, lo, hi)
+            q = torch.round(_broadcast(scale, x) * x - _broadcast(zp, x))
+            qmin, qmax = int_range(bits)
+            inside = (q >= qmin) & (q <= qmax)
+        out = torch.where(inside, out, xq)
+    return out
 
 
 MSE_ALPHAS = tuple(i / 40 for i in range(40, 7, -1))  # 1.0, 0.975, ..., 0.2 of the observed range

@@ -170,3 +170,18 @@ def test_act_quant_passes_its_ste_mode():
     x = torch.tensor([-1.0, 0.9, 2.0], requires_grad=True)
     q(x).sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_clipped_ste_matches_the_plain_composition():
+    from dfq.quant.quantizer import fake_quantize_ops
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 3, 5, 5, generator=g) * 2).requires_grad_()
+    up = torch.randn(4, 3, 5, 5, generator=g)
+    lo, hi = torch.tensor(-1.0), torch.tensor(1.5)
+    fast = fake_quantize(x, 3, lo, hi, ste="clipped")
+    (gx_fast,) = torch.autograd.grad(fast, x, up)
+    plain = fake_quantize_ops(x, 3, lo, hi, ste="clipped")
+    (gx_plain,) = torch.autograd.grad(plain, x, up)
+    assert torch.allclose(fast, plain, atol=1e-6) and torch.equal(gx_fast, gx_plain)
+    assert 0 < int((gx_fast == 0).sum()) < x.numel()  # some values clipped, some not
