@@ -54,7 +54,11 @@ def _switches(spec: JobSpec) -> list[list[Any]]:
         ["real data used", bool(m.fdda and m.fdda.centers == "few-shot")],
         [
             "budget",
-            f"{b.preset or 'custom'}: {b.epochs} epochs x {b.iters_per_epoch} iters, batch {b.batch_size}",
+            f"{b.preset or 'custom'}: {b.epochs} epochs x {b.iters_per_epoch} iters, batch {b.batch_size}, "
+            f"{b.warmup_epochs} warm-up epochs; "
+            + (
+                f"{b.student_steps} student steps" if b.student_steps else "calibration only, no student step"
+            ),
         ],
         ["seed", spec.seed],
     ]

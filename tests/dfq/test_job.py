@@ -115,3 +115,36 @@ def test_a_diverged_student_fails_with_its_cause():
         model[0].weight[0, 0, 0, 0] = float("nan")
     with pytest.raises(DivergedError, match=r"non-finite after step 5 \(first: 0.weight\).*lr_s"):
         _check_converged(model, 5)
+
+
+def test_a_calibration_only_job_keeps_the_teachers_weights_and_calibrates_its_ranges(tmp_path):
+    from dfq.model_card import render_model_card
+    from dfq.quant import ActQuant, quantize
+
+    model, info = load_bundled("resnet20_fmnist")
+    spec = JobSpec.model_validate(
+        {
+            "bits": "W4A4",
+            "budget": {
+                "preset": "calibrate",
+                "epochs": 2,
+                "warmup_epochs": 2,
+                "iters_per_epoch": 2,
+                "batch_size": 8,
+                "eval_every": 0,
+            },
+            "eval": "fashion-mnist",
+            "eval_limit": 200,
+            "device": "cpu",
+        }
+    )
+    report = run_job(spec, (model, info), tmp_path)
+    assert report["iterations"] == 4 and report["student_steps"] == 0 and report["q_top1"] is not None
+    student, _, _ = load_quantized(tmp_path / "quantized.safetensors")
+    fresh = quantize(model, spec.quant)
+    trained = dict(student.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())  # never stepped
+    quantizers = [m for m in student.modules() if isinstance(m, ActQuant)]
+    assert quantizers and all(int(m.updates) == 4 for m in quantizers)  # every batch calibrated them
+    card = render_model_card(report, info, spec)
+    assert "calibration only, no student step" in card

@@ -48,7 +48,7 @@ def test_bits_shorthand_parse():
         ({"method": {"kd_reduction": "sum"}}, "method.kd_reduction"),
         ({"method": {"frobnicate": 1}}, "method.frobnicate"),
         ({"device": "tpu"}, "device"),
-        ({"budget": {"epochs": 4, "warmup_epochs": 4}}, "budget"),
+        ({"budget": {"epochs": 4, "warmup_epochs": 5}}, "budget"),
     ],
 )
 def test_impossible_values_fail_with_the_field_named(bad, field):
@@ -121,3 +121,9 @@ def test_an_explicit_lr_s_applies_at_every_bit_width():
     stored = parse_spec({"bits": "W8A8", "budget": "cpu"}).canonical()
     del stored["budget"]["lr_s_8bit"]
     assert JobSpec.model_validate(stored).budget.student_lr(spec.quant) == 1e-3
+
+
+def test_warmup_to_the_end_is_calibration_only():
+    b = JobSpec.model_validate({"budget": "calibrate"}).budget
+    assert b.warmup_epochs == b.epochs and b.student_steps == 0 and b.total_iters == 80
+    assert JobSpec.model_validate({"budget": "cpu"}).budget.student_steps == 320
