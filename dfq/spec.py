@@ -487,6 +487,21 @@ class SpeedSpec(_Strict):
     )
 
 
+def _idle_when_calibrating_only(m: MethodSpec) -> list[str]:
+    """Components that would silently do nothing when the student is never stepped: those that start at
+    the end of warm-up, and those that only shape the student's loss. Refused rather than ignored."""
+    idle = []
+    if m.dsg and m.dsg.sda:
+        idle.append("dsg.sda (its margins are set at the end of warm-up)")
+    if m.fdda and m.fdda.centers == "zero-shot":
+        idle.append("zero-shot fdda (its centers are set at the end of warm-up)")
+    if m.fdda and m.fdda.student_real:
+        idle.append("fdda.student_real (a student loss)")
+    if m.lrq and m.lrq.dkd:
+        idle.append("lrq.dkd (a student loss)")
+    return idle
+
+
 class JobSpec(_Strict):
     method: MethodSpec = Field(default_factory=MethodSpec)
     quant: QuantSpec = Field(default_factory=QuantSpec)
@@ -531,6 +546,13 @@ class JobSpec(_Strict):
             )
         if m.acq and m.acq.pair_weight > 0 and b.batch_size < 4:
             raise ValueError("ACQ's pair loss needs budget.batch_size >= 4")
+        idle = _idle_when_calibrating_only(m) if b.student_steps == 0 else []
+        if idle:
+            raise ValueError(
+                "a calibration-only budget (warmup_epochs == epochs) never reaches "
+                + "; ".join(idle)
+                + ": switch them off or give the student epochs"
+            )
         return self
 
     def canonical(self) -> dict[str, Any]:

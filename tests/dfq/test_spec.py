@@ -127,3 +127,24 @@ def test_warmup_to_the_end_is_calibration_only():
     b = JobSpec.model_validate({"budget": "calibrate"}).budget
     assert b.warmup_epochs == b.epochs and b.student_steps == 0 and b.total_iters == 80
     assert JobSpec.model_validate({"budget": "cpu"}).budget.student_steps == 320
+
+
+@pytest.mark.parametrize(
+    "method,named",
+    [
+        ("dsg", "dsg.sda"),
+        ("fdda", "zero-shot fdda"),
+        ("lrq", "lrq.dkd"),
+        ({"preset": "lrq", "lrq": {"dkd": False}}, None),
+        ({"preset": "acq", "acq": {"acm_weight": 0, "pair_weight": 0, "consistency_weight": 0}}, None),
+        ("gdfq", None),
+    ],
+)
+def test_a_calibration_only_budget_refuses_components_it_would_never_reach(method, named):
+    spec = {"method": method, "budget": "calibrate"}
+    if named is None:
+        assert JobSpec.model_validate(spec).budget.student_steps == 0
+        return
+    with pytest.raises(ValidationError, match=f"calibration-only budget .*{named}"):
+        JobSpec.model_validate(spec)
+    JobSpec.model_validate({**spec, "budget": "cpu"})  # the same method is fine with student epochs
