@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--spec", help="JobSpec JSON (shorthand accepted) or a file holding it")
     q.add_argument("--method", help="method preset (gdfq)")
     q.add_argument("--bits", help="e.g. W4A4, W3A3, W4A4-F8L8")
-    q.add_argument("--budget", help="budget preset: smoke, cpu, paper")
+    q.add_argument("--budget", help="budget preset: smoke, cpu, calibrate (no student step), paper")
     q.add_argument("--seed", type=int)
     q.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     q.add_argument("--eval", help="labelled set for accuracy: fashion-mnist, a .npz, an ImageFolder")
