@@ -174,7 +174,7 @@ def finish_report(
         if device.type == "cuda"
         else str(device),
         "iterations": pipe.step,
-        "student_steps": max(0, pipe.step - spec.budget.warmup_epochs * spec.budget.iters_per_epoch),
+        "student_steps": max(0, pipe.step - spec.budget.warmup_iters),  # those run, not those planned
         "teacher": json.loads(json.dumps(info.to_json())),
         "spec": spec.canonical(),
         "dfq_version": dfq.__version__,

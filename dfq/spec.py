@@ -431,9 +431,13 @@ class BudgetSpec(_Strict):
         return self.epochs * self.iters_per_epoch
 
     @property
+    def warmup_iters(self) -> int:
+        return self.warmup_epochs * self.iters_per_epoch
+
+    @property
     def student_steps(self) -> int:
         """Steps the student takes: none on a calibration-only budget (warm-up to the end)."""
-        return (self.epochs - self.warmup_epochs) * self.iters_per_epoch
+        return self.total_iters - self.warmup_iters
 
     def student_lr(self, quant: QuantSpec) -> float:
         """The student's base lr for these bits: ``lr_s_8bit`` when set and no layer is below 8 bits."""
