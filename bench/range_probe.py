@@ -4,7 +4,9 @@ Real images are used only to *measure* (never in a job): the teacher is quantize
 is, with activation ranges (1) calibrated on 256 real training images (min/max EMA, the reference rule
 on real data), (2) the same narrowed to the least-squared-error fraction of each range on 128 of those
 images ("real-mse", what a least-error rule could win with real data), (3) ``quant.act_clip = "bn-mse"``
-(data-free: BN-fed sites from the teacher's BN, the other sites as in (1)). It separates the range rule
+(data-free: BN-fed sites from the teacher's BN, the other sites as in (1)), (4) the same with
+``quant.act_equalize = "depthwise"`` ("bn-mse-eq": each channel feeding a depthwise conv on its own BN
+range, dfq/quant/equalize.py). It separates the range rule
 from everything a data-free job adds (synthetic images, fine-tuning).
 
     python bench/range_probe.py --teachers resnet20_fmnist mobilenetv2_fmnist --bits W32A4 W4A4
@@ -26,6 +28,7 @@ from dfq.evaluate import evaluate_pair
 from dfq.models.teachers import load_bundled
 from dfq.quant import ActQuant, quantize, set_calibration
 from dfq.quant.bn_ranges import set_ranges_from_bn
+from dfq.quant.equalize import equalize_depthwise_inputs
 from dfq.quant.quantizer import mse_clipped_range
 from dfq.spec import JobSpec
 
@@ -34,8 +37,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def calibrated(teacher: torch.nn.Module, bits: str, rule: str, x: torch.Tensor, shape) -> torch.nn.Module:
     student = quantize(teacher, JobSpec.model_validate({"bits": bits, "device": "cpu"}).quant)
-    if rule == "bn-mse":
+    if rule.startswith("bn-mse"):
         set_ranges_from_bn(student, shape)
+    if rule == "bn-mse-eq":
+        equalize_depthwise_inputs(student, shape)
     set_calibration(student, True)
     with torch.no_grad():
         for i in range(0, len(x), 64):
@@ -53,7 +58,7 @@ def calibrated(teacher: torch.nn.Module, bits: str, rule: str, x: torch.Tensor, 
     return student.eval()
 
 
-RULES = ("minmax", "real-mse", "bn-mse")
+RULES = ("minmax", "real-mse", "bn-mse", "bn-mse-eq")
 
 
 def main() -> int:

@@ -168,6 +168,7 @@ def finish_report(
         "act_range": q.act_range,
         "act_clip": q.act_clip,
         "act_ste": q.act_ste,
+        "act_equalize": q.act_equalize,
         "budget": spec.budget.preset or "custom",
         "seed": spec.seed,
         "device": f"{device} ({torch.cuda.get_device_name(device)})"

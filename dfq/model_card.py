@@ -46,7 +46,7 @@ def _switches(spec: JobSpec) -> list[list[Any]]:
         [
             "activation range EMA",
             f"{q.act_range} (beta {q.ema_beta}, {q.calibration_epochs} calibration epochs); "
-            f"rule {q.act_clip}, STE {q.act_ste}",
+            f"rule {q.act_clip}, STE {q.act_ste}, equalised {q.act_equalize}",
         ],
         ["generator", m.generator],
         ["KD", f"alpha {m.kd_alpha}, T {m.kd_temperature}, reduction {m.kd_reduction}"],

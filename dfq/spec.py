@@ -57,9 +57,32 @@ class QuantSpec(_Strict):
         "gradient) or clipped (zero gradient outside the range, as PyTorch's fake-quant kernels)",
     )
 
+    act_equalize: Literal["none", "depthwise"] = Field(
+        "none",
+        description="none (the reference) or depthwise: with bn-mse, rescale each BN->ReLU site whose only "
+        "consumer is a depthwise conv so every channel gets its own BN range, the filter taking the inverse "
+        "scale (per-channel weight grids are scale-invariant, so the weights lose nothing; dfq/quant/"
+        "equalize.py)",
+    )
+
     _bits = field_validator("w_bits", "a_bits", "first_layer_bits", "last_layer_bits")(
         classmethod(lambda cls, v: _check_bits(v))
     )
+
+    @model_validator(mode="after")
+    def _equalize_needs(self) -> QuantSpec:
+        if self.act_equalize != "none":
+            if self.act_clip != "bn-mse":
+                raise ValueError(
+                    "quant.act_equalize needs quant.act_clip 'bn-mse': the channels' ranges come from the "
+                    "teacher's BN, and a min/max range would be recalibrated over the rescaled channels"
+                )
+            if not self.per_channel:
+                raise ValueError(
+                    "quant.act_equalize needs per-channel weights (quant.per_channel): a per-tensor grid "
+                    "is not scale-invariant per channel, so the rescaled filters would lose accuracy"
+                )
+        return self
 
     @property
     def label(self) -> str:

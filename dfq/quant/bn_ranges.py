@@ -52,7 +52,6 @@ def bn_fed_quantizers(
             found[names[m]] = relu_out[id(inputs[0])]
 
     hooks = []
-    saved: dict[ActQuant, tuple[int, bool]] = {}
     for m in model.modules():
         if isinstance(m, _BN):
             hooks.append(m.register_forward_hook(on_bn))
@@ -60,30 +59,49 @@ def bn_fed_quantizers(
             hooks.append(m.register_forward_hook(on_relu))
         elif isinstance(m, ActQuant):
             hooks.append(m.register_forward_pre_hook(on_quant))
-            saved[m] = (m.bits, m.calibrating)
-            m.bits, m.calibrating = FLOAT_BITS, False  # identity: no range needed, none touched
+    probe_forward(model, input_shape, hooks)
+    return found
+
+
+def probe_forward(
+    model: nn.Module, input_shape: tuple[int, ...], hooks: list, grad: bool = False
+) -> torch.Tensor:
+    """One forward of a zero batch, for hooks that follow tensors through the model: every ActQuant an
+    identity for it (no range needed, none touched), ``hooks`` removed and the model's mode and quantizers
+    restored afterwards. ``grad`` records the autograd graph (for counting a tensor's uses)."""
+    saved = {m: (m.bits, m.calibrating) for m in model.modules() if isinstance(m, ActQuant)}
+    for m in saved:
+        m.bits, m.calibrating = FLOAT_BITS, False
     was_training = model.training
     p = next(model.parameters())
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(2, *input_shape, device=p.device, dtype=p.dtype))
+        with torch.set_grad_enabled(grad):
+            x = torch.zeros(2, *input_shape, device=p.device, dtype=p.dtype, requires_grad=grad)
+            return model.eval()(x)
     finally:
         for h in hooks:
             h.remove()
         for m, (bits, calibrating) in saved.items():
             m.bits, m.calibrating = bits, calibrating
         model.train(was_training)
-    return found
+
+
+def bn_samples(
+    bn: nn.Module, lower: float, upper: float, seed: int = 0, per_channel: int | None = None
+) -> torch.Tensor:
+    """``samples x channels`` draws of ``clamp(N(beta_c, gamma_c^2), lower, upper)`` from a fixed seed: the
+    activations the BN describes. ``per_channel`` draws each (default: 2^16 in all, at least 16 each)."""
+    gamma = bn.weight.detach().float().cpu() if bn.weight is not None else torch.ones(bn.num_features)
+    beta = bn.bias.detach().float().cpu() if bn.bias is not None else torch.zeros(bn.num_features)
+    per_channel = per_channel or max(16, MSE_MAX_SAMPLES // gamma.numel())
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(per_channel, gamma.numel(), generator=g) * gamma.abs() + beta).clamp(lower, upper)
 
 
 def bn_mse_range(bn: nn.Module, lower: float, upper: float, bits: int, seed: int = 0) -> tuple[float, float]:
     """The k-bit least-squared-error range of ``clamp(N(beta_c, gamma_c^2), lower, upper)`` pooled over
     channels, on a fixed-seed sample (at most 2^16 draws, equally many per channel)."""
-    gamma = bn.weight.detach().float().cpu() if bn.weight is not None else torch.ones(bn.num_features)
-    beta = bn.bias.detach().float().cpu() if bn.bias is not None else torch.zeros(bn.num_features)
-    per_channel = max(16, MSE_MAX_SAMPLES // gamma.numel())
-    g = torch.Generator().manual_seed(seed)
-    a = (torch.randn(per_channel, gamma.numel(), generator=g) * gamma.abs() + beta).clamp(lower, upper)
+    a = bn_samples(bn, lower, upper, seed)
     lo, hi = torch.aminmax(a)
     lo, hi = mse_clipped_range(a.reshape(-1), bits, lo, hi)
     return float(lo), float(hi)

@@ -1,0 +1,127 @@
+"""Activation ranges equalised across channels where that is free (``quant.act_equalize = "depthwise"``).
+
+Why: one per-tensor activation quantizer after ``BN -> ReLU6`` spends its 2^k levels on the widest
+channel, and in MobileNetV2 the channels' BN ranges differ by orders of magnitude, so most channels get a
+handful of levels. Cross-layer equalization (Nagel et al. 2019, "Data-Free Quantization Through Weight
+Equalization and Bias Correction", section 4.1) rescales channel c of one layer's output by ``1/e_c`` and
+the next layer's input by ``e_c``. Where the next layer is a depthwise conv with per-channel weight ranges
+the rescale costs the weights nothing: filter c, its range and its grid all scale by ``e_c``, and its
+integer codes do not change. So only the activation grid gains. Elsewhere (a 1x1 conv that mixes channels)
+the rescale moves error onto the weights; dfq does not do that (docs/benchmarks.md "Equalised activation
+ranges": on MobileNetV2 W4A4 it undid the gain).
+
+``e_c`` is channel c's own least-squared-error range ``r_c`` (of the Gaussian its BN describes, as ``bn-mse``
+does for the pooled channels) over the widest channel's, and the site's range is the widest one's, so each
+channel is quantized on its own range. The producer's ReLU6 still clamps at 6 in
+the rescaled units, not at ``6 / e_c``; as ``e_c <= 1`` and every ``r_c <= 6``, the quantizer clamps first
+wherever the two differ, so the quantized network is exactly per-channel
+activation quantization with ranges ``e_c * r``, and the exported model is an ordinary one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dfq.quant.bn_ranges import bn_fed_quantizers, bn_samples, probe_forward
+from dfq.quant.modules import FLOAT_BITS, ActQuant, QuantConv2d
+from dfq.quant.quantizer import MSE_ALPHAS, RANGE_EPS
+
+MIN_SCALE = 1 / 64  # a dead channel (range ~0) is not blown up by more than this
+CHANNEL_SAMPLES = 4096  # draws per channel for its own range (bn-mse's 2^16 pooled can leave a channel ~70)
+
+
+def channel_mse_upper(a: torch.Tensor, bits: int, alphas: tuple[float, ...] = MSE_ALPHAS) -> torch.Tensor:
+    """Per channel of ``a`` (``samples x channels``, non-negative), the upper bound ``alpha * max`` whose
+    k-bit grid on ``[0, alpha * max]`` reconstructs that channel with the least squared error (first alpha
+    wins ties, so a range is only narrowed where that lowers the error)."""
+    top = a.amax(0).clamp_min(RANGE_EPS)
+    best, best_err = top, None
+    for alpha in alphas:
+        hi = alpha * top
+        step = hi / (2**bits - 1)
+        err = (torch.round(torch.minimum(a, hi) / step) * step - a).pow(2).mean(0)
+        if best_err is None:
+            best_err = err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, hi, best), torch.where(better, err, best_err)
+    return best
+
+
+def _is_depthwise(conv: nn.Module) -> bool:
+    return (
+        isinstance(conv, QuantConv2d)
+        and conv.groups == conv.in_channels == conv.out_channels > 1
+        and (conv.per_channel or conv.w_bits >= FLOAT_BITS)
+    )
+
+
+def sole_depthwise_consumers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, QuantConv2d]:
+    """``{quantizer name: conv}`` for every ActQuant whose output is used by exactly one operation, a
+    depthwise QuantConv2d with per-channel weight ranges. Uses are counted on the autograd graph of one
+    forward, so a functional use (a residual add, a concat) disqualifies a site even though no module
+    hook sees it."""
+    q_node: dict[str, object] = {}
+    q_calls: dict[str, int] = {}
+    conv_of_node: dict[object, nn.Module] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def on_quant(m, inputs, out):
+        q_node[names[m]] = out.grad_fn
+        q_calls[names[m]] = q_calls.get(names[m], 0) + 1
+
+    def on_conv(m, inputs, out):
+        conv_of_node[out.grad_fn] = (m, inputs[0].grad_fn)
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, ActQuant):
+            hooks.append(m.register_forward_hook(on_quant))
+        elif isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(on_conv))
+    out = probe_forward(model, input_shape, hooks, grad=True)
+    users: dict[object, list[object]] = {}
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None:
+                users.setdefault(child, []).append(node)
+                stack.append(child)
+    found = {}
+    for name, node in q_node.items():
+        used_by = users.get(node, [])
+        if q_calls[name] != 1 or len(used_by) != 1 or used_by[0] not in conv_of_node:
+            continue
+        conv, conv_input = conv_of_node[used_by[0]]
+        if conv_input is node and _is_depthwise(conv):
+            found[name] = conv
+    return found
+
+
+@torch.no_grad()
+def equalize_depthwise_inputs(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
+    """Rescale every BN-fed quantizer site whose sole consumer is a depthwise conv (module docstring) and
+    fix its range. Call on a fresh student whose BN-fed ranges are already set (a quantizer without a range
+    cannot run the tracing forward); returns the sites rescaled."""
+    sites = bn_fed_quantizers(model, input_shape)
+    consumers = sole_depthwise_consumers(model, input_shape)
+    modules = dict(model.named_modules())
+    done = []
+    for name, (bn, lower, upper) in sites.items():
+        q, conv = modules[name], consumers.get(name)
+        if conv is None or q.bits >= FLOAT_BITS or lower != 0 or bn.weight is None or bn.bias is None:
+            continue
+        a = bn_samples(bn, lower, upper, per_channel=CHANNEL_SAMPLES)
+        r = channel_mse_upper(a, q.bits)
+        e = (r / r.max()).clamp_min(MIN_SCALE)
+        bn.weight.div_(e.to(bn.weight))
+        bn.bias.div_(e.to(bn.bias))
+        conv.weight.mul_(e.to(conv.weight).view(-1, 1, 1, 1))
+        q.fix_range(0.0, float(r.max()))  # channel c's own range r_c, in the rescaled units
+        done.append(name)
+    return sorted(done)

@@ -1,0 +1,123 @@
+"""``quant.act_equalize = "depthwise"``: per-channel activation ranges folded into depthwise filters."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dfq.models.teachers import load_bundled
+from dfq.pipeline import Pipeline
+from dfq.quant import ActQuant, quantize
+from dfq.quant.bn_ranges import set_ranges_from_bn
+from dfq.quant.equalize import channel_mse_upper, equalize_depthwise_inputs, sole_depthwise_consumers
+from dfq.spec import JobSpec, QuantSpec
+
+
+def test_channel_ranges_by_hand():
+    # 2 bits, grid {0, hi/3, 2hi/3, hi}. Channel 0 = [0, 1 x10, 6]: alpha 1 (step 2) rounds every 1 to 0
+    # (half to even): squared error 10; alpha 0.5 (hi 3, step 1) keeps the 1s and clips 6 to 3: error 9,
+    # so 3. Channel 1 = [0, 0, 1 x9, 6]: 9 against 9, a tie, and the wider range (first alpha) stays: 6.
+    a = torch.tensor([[0.0] + [1.0] * 10 + [6.0], [0.0, 0.0] + [1.0] * 9 + [6.0]]).T
+    assert channel_mse_upper(a, 2, (1.0, 0.5)).tolist() == [3.0, 6.0]
+
+
+class _Net(nn.Module):
+    """stem -> ReLU6 -> depthwise -> ReLU6 -> 1x1; ``shortcut`` also adds the stem's output to the
+    depthwise branch, a second (functional) use of the stem's activations."""
+
+    def __init__(self, shortcut: bool = False) -> None:
+        super().__init__()
+        self.shortcut = shortcut
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.ReLU6())
+        self.pw = nn.Sequential(nn.Conv2d(4, 5, 1, bias=False), nn.BatchNorm2d(5))
+        self.fc = nn.Linear(5, 3)
+        with torch.no_grad():  # one wide channel, one that often passes 6, two narrow ones
+            self.stem[1].weight.copy_(torch.tensor([2.0, 3.0, 0.05, -0.2]))
+            self.stem[1].bias.copy_(torch.tensor([1.0, 5.0, 0.1, 0.3]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.stem(x)
+        b = self.dw(a)
+        if self.shortcut:
+            b = b + a
+        return self.fc(self.pw(b).mean((2, 3)))
+
+
+def _student(net: nn.Module, bits: str = "W4A3") -> nn.Module:
+    torch.manual_seed(0)
+    student = quantize(net.eval(), QuantSpec(**JobSpec.model_validate({"bits": bits}).quant.model_dump()))
+    set_ranges_from_bn(student, (3, 8, 8))
+    return student
+
+
+def test_only_a_sole_depthwise_consumer_counts():
+    plain, shortcut = _student(_Net()), _student(_Net(shortcut=True))
+    assert list(sole_depthwise_consumers(plain, (3, 8, 8))) == ["stem.2.1"]  # not dw's: a 1x1 uses it
+    assert sole_depthwise_consumers(shortcut, (3, 8, 8)) == {}  # the add is a second use
+    assert equalize_depthwise_inputs(shortcut, (3, 8, 8)) == []
+
+
+def _per_channel_quant(q: ActQuant, hi: torch.Tensor) -> None:
+    """Replace a quantizer with per-channel ranges [0, hi_c] on the same k-bit grid (test reference)."""
+    step = (hi / (2**q.bits - 1)).view(1, -1, 1, 1)
+    top = hi.view(1, -1, 1, 1)
+    q.forward = lambda x: torch.round(torch.minimum(x.clamp_min(0), top) / step) * step
+
+
+def test_equalised_student_is_per_channel_activation_quantization():
+    student = _student(_Net())
+    reference = copy.deepcopy(student)
+    assert equalize_depthwise_inputs(student, (3, 8, 8)) == ["stem.2.1"]
+    e = reference.stem[1].weight / student.stem[1].weight  # the rescale, read back from the BN
+    assert (e > 0).all() and (e <= 1).all() and e.max() == 1 and e.min() < 0.1
+    q = student.stem[2][1]
+    lo, hi = (v.item() for v in q.range())
+    assert lo == 0.0 and 0 < hi <= 6.0 and q.fixed
+    # the depthwise filters' codes did not move: their dequantized values scaled by e exactly
+    torch.testing.assert_close(
+        student.dw[0].quantized_weight(), reference.dw[0].quantized_weight() * e.view(-1, 1, 1, 1)
+    )
+    # the whole network equals the unscaled one with channel c quantized on its own [0, e_c * hi]
+    _per_channel_quant(reference.stem[2][1], e * hi)
+    x = torch.randn(16, 3, 8, 8) * 2
+    torch.testing.assert_close(student(x), reference(x), rtol=1e-5, atol=1e-5)
+    # and the ReLU6 case was exercised: channel 1 (beta 5) passes 6 on some pixels before the rescale
+    assert (reference.stem[1](reference.stem[0](x))[:, 1] > 6).any()
+
+
+def test_bundled_mobilenet_sites_and_resnets_have_none():
+    model, info = load_bundled("mobilenetv2_fmnist")
+    student = quantize(model, QuantSpec(w_bits=4, a_bits=4, act_clip="bn-mse"))
+    set_ranges_from_bn(student, info.input_shape)
+    # MobileNetV2: the stem and the 16 expansions (blocks 2-17) feed a depthwise conv; block 1 has none
+    assert len(equalize_depthwise_inputs(student, info.input_shape)) == 17
+    model, info = load_bundled("resnet20_fmnist")
+    student = quantize(model, QuantSpec(w_bits=4, a_bits=4, act_clip="bn-mse"))
+    set_ranges_from_bn(student, info.input_shape)
+    assert equalize_depthwise_inputs(student, info.input_shape) == []
+
+
+def test_a_job_equalises_at_start(tiny_spec):
+    model, info = load_bundled("mobilenetv2_fmnist")
+    quant = {"act_clip": "bn-mse", "act_equalize": "depthwise"}
+    spec = tiny_spec.model_copy(update={"quant": tiny_spec.quant.model_copy(update=quant)})
+    pipe = Pipeline(spec, model, 10, info.input_shape, "cpu")
+    bn = pipe.student.features[1].conv[0][1]  # block 1's depthwise BN: a 1x1 consumer, untouched
+    assert torch.equal(bn.weight, model.features[1].conv[0][1].weight)
+    stem_bn = pipe.student.features[0][1]
+    assert not torch.equal(stem_bn.weight, model.features[0][1].weight)
+    assert JobSpec.model_validate(spec.canonical()).quant.act_equalize == "depthwise"
+
+
+def test_spec_refuses_equalising_without_bn_ranges_or_per_channel_weights():
+    assert JobSpec.model_validate({}).quant.act_equalize == "none"
+    with pytest.raises(ValueError, match="act_clip 'bn-mse'"):
+        JobSpec.model_validate({"quant": {"act_equalize": "depthwise"}})
+    with pytest.raises(ValueError, match="per-channel"):
+        JobSpec.model_validate(
+            {"quant": {"act_clip": "bn-mse", "act_equalize": "depthwise", "per_channel": False}}
+        )
+    with pytest.raises(ValueError, match="act_equalize"):
+        JobSpec.model_validate({"quant": {"act_clip": "bn-mse", "act_equalize": "all"}})
