@@ -10,12 +10,13 @@ integer codes do not change. So only the activation grid gains. Elsewhere (a 1x1
 the rescale moves error onto the weights; dfq does not do that (docs/benchmarks.md "Equalised activation
 ranges": on MobileNetV2 W4A4 it undid the gain).
 
-``e_c`` is channel c's own least-squared-error range ``r_c`` (of the Gaussian its BN describes, as ``bn-mse``
-does for the pooled channels) over the widest channel's, and the site's range is the widest one's, so each
-channel is quantized on its own range. The producer's ReLU6 still clamps at 6 in
-the rescaled units, not at ``6 / e_c``; as ``e_c <= 1`` and every ``r_c <= 6``, the quantizer clamps first
-wherever the two differ, so the quantized network is exactly per-channel
-activation quantization with ranges ``e_c * r``, and the exported model is an ordinary one.
+``e_c`` is channel c's own least-squared-error range ``r_c`` (of the Gaussian its BN describes, as
+``bn-mse`` does for the pooled channels) over the widest channel's, at least ``MIN_SCALE``, and the site's
+range is ``[0, max r]``, so each channel is quantized on its own range (a near-dead channel on
+``max r * MIN_SCALE``). The producer's ReLU6 still clamps at 6 in the rescaled units, not at ``6 / e_c``;
+as ``e_c <= 1`` and ``max r <= 6``, the quantizer clamps first wherever the two differ. The quantized
+network is exactly per-channel activation quantization on ranges ``e_c * max r``, and the exported model
+is an ordinary one.
 """
 
 from __future__ import annotations
