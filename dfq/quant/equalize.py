@@ -26,7 +26,7 @@ from torch import nn
 
 from dfq.quant.bn_ranges import bn_fed_quantizers, bn_samples, probe_forward
 from dfq.quant.modules import FLOAT_BITS, ActQuant, QuantConv2d
-from dfq.quant.quantizer import MSE_ALPHAS, RANGE_EPS
+from dfq.quant.quantizer import MSE_ALPHAS, RANGE_EPS, fake_quantize
 
 MIN_SCALE = 1 / 64  # a dead channel (range ~0) is not blown up by more than this
 CHANNEL_SAMPLES = 4096  # draws per channel for its own range (bn-mse's 2^16 pooled can leave a channel ~70)
@@ -34,20 +34,16 @@ CHANNEL_SAMPLES = 4096  # draws per channel for its own range (bn-mse's 2^16 poo
 
 def channel_mse_upper(a: torch.Tensor, bits: int, alphas: tuple[float, ...] = MSE_ALPHAS) -> torch.Tensor:
     """Per channel of ``a`` (``samples x channels``, non-negative), the upper bound ``alpha * max`` whose
-    k-bit grid on ``[0, alpha * max]`` reconstructs that channel with the least squared error (first alpha
-    wins ties, so a range is only narrowed where that lowers the error)."""
-    top = a.amax(0).clamp_min(RANGE_EPS)
-    best, best_err = top, None
-    for alpha in alphas:
-        hi = alpha * top
-        step = hi / (2**bits - 1)
-        err = (torch.round(torch.minimum(a, hi) / step) * step - a).pow(2).mean(0)
-        if best_err is None:
-            best_err = err
-        else:
-            better = err < best_err
-            best, best_err = torch.where(better, hi, best), torch.where(better, err, best_err)
-    return best
+    k-bit grid on ``[0, alpha * max]`` (the activation quantizer's own, :func:`fake_quantize`) reconstructs
+    that channel with the least squared error (first alpha wins ties, so a range is only narrowed where
+    that lowers the error). ``mse_clipped_range``'s rule, one range per channel."""
+    per_channel = a.T  # channels first: a per-channel range indexes dim 0
+    zero = torch.zeros(per_channel.shape[0], dtype=a.dtype)
+    his = torch.tensor(alphas, dtype=a.dtype)[:, None] * a.amax(0).clamp_min(RANGE_EPS)  # alphas x channels
+    errs = torch.stack(
+        [(fake_quantize(per_channel, bits, zero, hi) - per_channel).pow(2).mean(1) for hi in his]
+    )
+    return his.gather(0, errs.argmin(0, keepdim=True))[0]  # argmin takes the first of equal minima
 
 
 def _is_depthwise(conv: nn.Module) -> bool:
@@ -65,7 +61,7 @@ def sole_depthwise_consumers(model: nn.Module, input_shape: tuple[int, ...]) -> 
     hook sees it."""
     q_node: dict[str, object] = {}
     q_calls: dict[str, int] = {}
-    conv_of_node: dict[object, nn.Module] = {}
+    conv_of_node: dict[object, tuple[nn.Module, object]] = {}  # conv output's node -> (conv, input's node)
     names = {m: n for n, m in model.named_modules()}
 
     def on_quant(m, inputs, out):
