@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, tuple_, update
 
 from worker.db import session_scope
 from worker.events import Publisher
@@ -189,7 +189,7 @@ class JobReporter:
         self.last_flush = self.clock() if now is None else now
         values = {**self.row, **final, "heartbeat_at": utcnow(), "updated_at": utcnow()}
 
-        def write() -> None:  # one transaction: a failed try rolled back entirely, so retrying is safe
+        def write() -> None:  # one transaction, and idempotent: a retry may follow a commit that landed
             with session_scope(self.db_url) as s:
                 result = s.execute(
                     update(Job)
@@ -199,6 +199,15 @@ class JobReporter:
                 )
                 if result.rowcount != 1:
                     raise LostOwnership(f"job {self.job_id} is no longer owned by this attempt")
+                if self.points:  # (kind, step) is a point's identity: a retried batch replaces, not repeats
+                    s.execute(
+                        delete(MetricPoint).where(
+                            MetricPoint.job_id == self.job_id,
+                            tuple_(MetricPoint.kind, MetricPoint.step).in_(
+                                {(p.kind, p.step) for p in self.points}
+                            ),
+                        )
+                    )
                 s.add_all([_copy(row) for row in self.points + self.logs])
                 for name, size, partial in self.artifacts:
                     self._upsert_artifact(s, name, size, partial)

@@ -6,7 +6,9 @@ or a connection SQLAlchemy marked invalidated) is retried on a fresh connection,
 1 s, 2 s ... up to ``max_delay_s``, for at most ``attempts`` tries: long enough to ride out a
 restart, bounded so that a database that stays down fails the attempt loudly (the job is then
 re-run from its checkpoint by the next worker) instead of hanging or dropping data. Every retried
-block is one transaction that rolled back, so retrying it cannot write anything twice.
+block is one transaction, but "rolled back" is not guaranteed: a connection lost while COMMIT is
+acknowledged leaves a transaction that landed and an error that says it failed. So every retried block
+must also be idempotent (the progress write replaces a job's metric points by their (kind, step)).
 """
 
 from __future__ import annotations
