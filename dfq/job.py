@@ -169,6 +169,7 @@ def finish_report(
         "act_clip": q.act_clip,
         "act_ste": q.act_ste,
         "act_equalize": q.act_equalize,
+        "act_mse_weight": q.act_mse_weight,
         "budget": spec.budget.preset or "custom",
         "seed": spec.seed,
         "device": f"{device} ({torch.cuda.get_device_name(device)})"

@@ -46,7 +46,8 @@ def _switches(spec: JobSpec) -> list[list[Any]]:
         [
             "activation range EMA",
             f"{q.act_range} (beta {q.ema_beta}, {q.calibration_epochs} calibration epochs); "
-            f"rule {q.act_clip}, STE {q.act_ste}, equalised {q.act_equalize}",
+            f"rule {q.act_clip} ({q.act_mse_weight} channel weights), STE {q.act_ste}, "
+            f"equalised {q.act_equalize}",
         ],
         ["generator", m.generator],
         ["KD", f"alpha {m.kd_alpha}, T {m.kd_temperature}, reduction {m.kd_reduction}"],

@@ -147,7 +147,7 @@ class Pipeline:
             raise ValueError("the teacher has no BatchNorm layers: nothing for the generator to match")
         self.student = quantize(self.teacher, spec.quant).to(self.device).eval()
         if spec.quant.act_clip == "bn-mse":
-            set_ranges_from_bn(self.student, self.input_shape)
+            set_ranges_from_bn(self.student, self.input_shape, spec.quant.act_mse_weight)
         if spec.quant.act_equalize == "depthwise":
             equalize_depthwise_inputs(self.student, self.input_shape)
         for p in self.student.parameters():

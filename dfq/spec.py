@@ -65,12 +65,25 @@ class QuantSpec(_Strict):
         "equalize.py)",
     )
 
+    act_mse_weight: Literal["uniform", "consumer"] = Field(
+        "uniform",
+        description="how bn-mse pools a site's channels into its one range: uniform (every channel's "
+        "squared error alike) or consumer (channel c's error weighted by what it adds to the BN-normalised "
+        "output of the single conv/linear that consumes the site, sum_o,k (gamma_o / sigma_o * W[o,c,k])^2; "
+        "dfq/quant/consumers.py)",
+    )
+
     _bits = field_validator("w_bits", "a_bits", "first_layer_bits", "last_layer_bits")(
         classmethod(lambda cls, v: _check_bits(v))
     )
 
     @model_validator(mode="after")
     def _equalize_needs(self) -> QuantSpec:
+        if self.act_mse_weight != "uniform" and self.act_clip != "bn-mse":
+            raise ValueError(
+                "quant.act_mse_weight needs quant.act_clip 'bn-mse': it weights the channels of the "
+                "BN-described activations a bn-mse range is chosen on"
+            )
         if self.act_equalize != "none":
             if self.act_clip != "bn-mse":
                 raise ValueError(

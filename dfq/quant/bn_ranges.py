@@ -15,14 +15,21 @@ functional ``F.relu``) keep the reference's min/max EMA over synthetic batches.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import nn
 
+from dfq.quant.consumers import channel_weights, sole_consumers
 from dfq.quant.modules import FLOAT_BITS, ActQuant
-from dfq.quant.quantizer import MSE_MAX_SAMPLES, mse_clipped_range
+from dfq.quant.probe import probe_forward
+from dfq.quant.quantizer import MSE_ALPHAS, MSE_MAX_SAMPLES, RANGE_EPS, fake_quantize, mse_clipped_range
 
 _BN = (nn.BatchNorm2d, nn.BatchNorm1d)
+CHANNEL_SAMPLES = (
+    4096  # draws per channel where each channel's own error counts (the pooled 2^16 can leave ~70)
+)
+MseWeight = Literal["uniform", "consumer"]
 
 
 def bn_fed_quantizers(
@@ -63,29 +70,6 @@ def bn_fed_quantizers(
     return found
 
 
-def probe_forward(
-    model: nn.Module, input_shape: tuple[int, ...], hooks: list, grad: bool = False
-) -> torch.Tensor:
-    """One forward of a zero batch, for hooks that follow tensors through the model: every ActQuant an
-    identity for it (no range needed, none touched), ``hooks`` removed and the model's mode and quantizers
-    restored afterwards. ``grad`` records the autograd graph (for counting a tensor's uses)."""
-    saved = {m: (m.bits, m.calibrating) for m in model.modules() if isinstance(m, ActQuant)}
-    for m in saved:
-        m.bits, m.calibrating = FLOAT_BITS, False
-    was_training = model.training
-    p = next(model.parameters())
-    try:
-        with torch.set_grad_enabled(grad):
-            x = torch.zeros(2, *input_shape, device=p.device, dtype=p.dtype, requires_grad=grad)
-            return model.eval()(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, (bits, calibrating) in saved.items():
-            m.bits, m.calibrating = bits, calibrating
-        model.train(was_training)
-
-
 def bn_samples(
     bn: nn.Module, lower: float, upper: float, seed: int = 0, per_channel: int | None = None
 ) -> torch.Tensor:
@@ -107,12 +91,47 @@ def bn_mse_range(bn: nn.Module, lower: float, upper: float, bits: int, seed: int
     return float(lo), float(hi)
 
 
-def set_ranges_from_bn(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
-    """Fix the range of every BN-fed activation quantizer of a fresh student; returns their names."""
+def weighted_mse_range(
+    a: torch.Tensor, bits: int, weight: torch.Tensor, alphas: tuple[float, ...] = MSE_ALPHAS
+) -> tuple[float, float]:
+    """The range ``alpha * [min, max]`` of ``a`` (``samples x channels``) whose k-bit grid reconstructs it
+    with the least squared error, channel c's mean error weighted by ``weight[c]``. With equal weights
+    this is :func:`mse_clipped_range` over all of ``a`` (equal draws per channel)."""
+    lo, hi = torch.aminmax(a)
+    w = weight.float() / weight.float().sum().clamp_min(RANGE_EPS)
+    errs = torch.stack([(fake_quantize(a, bits, lo * al, hi * al) - a).pow(2).mean(0) @ w for al in alphas])
+    best = alphas[int(errs.argmin())]  # argmin takes the first (widest) of equal minima
+    return float(lo * best), float(hi * best)
+
+
+def weighted_bn_mse_range(
+    bn: nn.Module, lower: float, upper: float, bits: int, weight: torch.Tensor, seed: int = 0
+) -> tuple[float, float]:
+    """:func:`bn_mse_range` with channel c's squared error weighted by ``weight[c]``
+    (``quant.act_mse_weight = "consumer"``), on :data:`CHANNEL_SAMPLES` draws per channel so that every
+    channel's own error is measured, however many channels share the range."""
+    return weighted_mse_range(bn_samples(bn, lower, upper, seed, per_channel=CHANNEL_SAMPLES), bits, weight)
+
+
+def set_ranges_from_bn(
+    model: nn.Module, input_shape: tuple[int, ...], weighting: MseWeight = "uniform"
+) -> list[str]:
+    """Fix the range of every BN-fed activation quantizer of a fresh student; returns their names.
+
+    ``weighting="consumer"`` weights each channel's squared error by what it adds to the output of the
+    layer that consumes the site (:func:`dfq.quant.consumers.channel_weights`): a per-tensor range pooled
+    over channels otherwise spends its levels on wide channels whose errors the next layer barely feels.
+    Sites without a single conv/linear consumer keep the uniform rule."""
     sites = bn_fed_quantizers(model, input_shape)
+    consumers = sole_consumers(model, input_shape) if weighting == "consumer" else {}
     modules = dict(model.named_modules())
     for name, (bn, lower, upper) in sites.items():
         q = modules[name]
-        if q.bits < FLOAT_BITS:
+        if q.bits >= FLOAT_BITS:
+            continue
+        w = channel_weights(consumers[name], bn.num_features) if name in consumers else None
+        if w is None:
             q.fix_range(*bn_mse_range(bn, lower, upper, q.bits))
+        else:
+            q.fix_range(*weighted_bn_mse_range(bn, lower, upper, q.bits, w))
     return sorted(sites)

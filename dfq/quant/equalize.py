@@ -24,12 +24,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dfq.quant.bn_ranges import bn_fed_quantizers, bn_samples, probe_forward
-from dfq.quant.modules import FLOAT_BITS, ActQuant, QuantConv2d
+from dfq.quant.bn_ranges import CHANNEL_SAMPLES, bn_fed_quantizers, bn_samples
+from dfq.quant.consumers import sole_consumers
+from dfq.quant.modules import FLOAT_BITS, QuantConv2d
 from dfq.quant.quantizer import MSE_ALPHAS, RANGE_EPS, fake_quantize
 
 MIN_SCALE = 1 / 64  # a dead channel (range ~0) is not blown up by more than this
-CHANNEL_SAMPLES = 4096  # draws per channel for its own range (bn-mse's 2^16 pooled can leave a channel ~70)
 
 
 def channel_mse_upper(a: torch.Tensor, bits: int, alphas: tuple[float, ...] = MSE_ALPHAS) -> torch.Tensor:
@@ -56,48 +56,13 @@ def _is_depthwise(conv: nn.Module) -> bool:
 
 def sole_depthwise_consumers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, QuantConv2d]:
     """``{quantizer name: conv}`` for every ActQuant whose output is used by exactly one operation, a
-    depthwise QuantConv2d with per-channel weight ranges. Uses are counted on the autograd graph of one
-    forward, so a functional use (a residual add, a concat) disqualifies a site even though no module
-    hook sees it."""
-    q_node: dict[str, object] = {}
-    q_calls: dict[str, int] = {}
-    conv_of_node: dict[object, tuple[nn.Module, object]] = {}  # conv output's node -> (conv, input's node)
-    names = {m: n for n, m in model.named_modules()}
-
-    def on_quant(m, inputs, out):
-        q_node[names[m]] = out.grad_fn
-        q_calls[names[m]] = q_calls.get(names[m], 0) + 1
-
-    def on_conv(m, inputs, out):
-        conv_of_node[out.grad_fn] = (m, inputs[0].grad_fn)
-
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, ActQuant):
-            hooks.append(m.register_forward_hook(on_quant))
-        elif isinstance(m, nn.Conv2d):
-            hooks.append(m.register_forward_hook(on_conv))
-    out = probe_forward(model, input_shape, hooks, grad=True)
-    users: dict[object, list[object]] = {}
-    seen, stack = set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        for child, _ in node.next_functions:
-            if child is not None:
-                users.setdefault(child, []).append(node)
-                stack.append(child)
-    found = {}
-    for name, node in q_node.items():
-        used_by = users.get(node, [])
-        if q_calls[name] != 1 or len(used_by) != 1 or used_by[0] not in conv_of_node:
-            continue
-        conv, conv_input = conv_of_node[used_by[0]]
-        if conv_input is node and _is_depthwise(conv):
-            found[name] = conv
-    return found
+    depthwise QuantConv2d with per-channel weight ranges that takes it directly (uses counted on the
+    autograd graph, so a functional use such as a residual add disqualifies a site)."""
+    return {
+        name: c.layer
+        for name, c in sole_consumers(model, input_shape).items()
+        if c.direct and _is_depthwise(c.layer)
+    }
 
 
 @torch.no_grad()

@@ -1,0 +1,123 @@
+"""Which layer uses an activation quantizer's output, read off the autograd graph of one forward.
+
+Why the graph and not the module tree: a model's call order and its functional uses (a residual add, a
+concat, ``F.adaptive_avg_pool2d``) are invisible to module hooks, and a quantizer whose output has a
+second use cannot be rescaled or weighted as if one layer alone consumed it. Both
+``quant.act_equalize`` (dfq/quant/equalize.py) and ``quant.act_mse_weight`` (dfq/quant/bn_ranges.py)
+need this answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dfq.quant.modules import ActQuant
+from dfq.quant.probe import probe_forward
+
+# Autograd nodes a consumer may be reached through: an average pool (every channel scaled alike) and the
+# reshapes that flatten a pooled map for a classifier. Anything else (an add, a ReLU, a max pool) stops
+# the walk, and the site has no single consumer.
+PASS_THROUGH = ("MeanBackward", "AdaptiveAvgPool", "AvgPool", "ViewBackward", "ReshapeAlias", "UnsafeView")
+
+
+@dataclass(frozen=True)
+class Consumer:
+    layer: nn.Module  # the Conv2d or Linear that takes the quantizer's output
+    bn: nn.Module | None  # the BatchNorm that is the sole user of that layer's output, if any
+    direct: bool  # the layer takes the quantizer's output itself (no pooling or reshape between)
+
+
+def sole_consumers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Consumer]:
+    """``{quantizer name: Consumer}`` for every ActQuant whose output is used by exactly one operation,
+    a Conv2d or Linear (directly or through :data:`PASS_THROUGH` nodes). Uses are counted on the autograd
+    graph of one forward of a zero batch (``probe_forward``)."""
+    q_node: dict[str, object] = {}
+    q_calls: dict[str, int] = {}
+    layer_of_node: dict[object, tuple[nn.Module, object]] = {}  # output node -> (layer, input's node)
+    bn_of_node: dict[object, tuple[nn.Module, object]] = {}
+    names = {m: n for n, m in model.named_modules()}
+
+    def on_quant(m, inputs, out):
+        q_node[names[m]] = out.grad_fn
+        q_calls[names[m]] = q_calls.get(names[m], 0) + 1
+
+    def on_layer(m, inputs, out):
+        layer_of_node[out.grad_fn] = (m, inputs[0].grad_fn)
+
+    def on_bn(m, inputs, out):
+        bn_of_node[out.grad_fn] = (m, inputs[0].grad_fn)
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, ActQuant):
+            hooks.append(m.register_forward_hook(on_quant))
+        elif isinstance(m, nn.Conv2d | nn.Linear):
+            hooks.append(m.register_forward_hook(on_layer))
+        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            hooks.append(m.register_forward_hook(on_bn))
+    out = probe_forward(model, input_shape, hooks, grad=True)
+    users = _users(out.grad_fn)
+    found = {}
+    for name, node in q_node.items():
+        if q_calls[name] != 1:
+            continue
+        direct = True
+        while True:
+            used_by = users.get(node, [])
+            if len(used_by) != 1:
+                break
+            user = used_by[0]
+            if user in layer_of_node and layer_of_node[user][1] is node:
+                found[name] = Consumer(layer_of_node[user][0], _bn_after(user, users, bn_of_node), direct)
+                break
+            if not type(user).__name__.startswith(PASS_THROUGH):
+                break
+            node, direct = user, False
+    return found
+
+
+def _users(root: object) -> dict[object, list[object]]:
+    users: dict[object, list[object]] = {}
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for child, _ in node.next_functions:
+            if child is not None:
+                users.setdefault(child, []).append(node)
+                stack.append(child)
+    return users
+
+
+def _bn_after(node: object, users: dict, bn_of_node: dict) -> nn.Module | None:
+    used_by = users.get(node, [])
+    if len(used_by) == 1 and used_by[0] in bn_of_node and bn_of_node[used_by[0]][1] is node:
+        return bn_of_node[used_by[0]][0]
+    return None
+
+
+def channel_weights(consumer: Consumer, channels: int) -> torch.Tensor | None:
+    """Per input channel c of the consumer, ``sum over its outputs o and taps k of (s_o * W[o, c, k])^2``
+    with ``s_o = |gamma_o| / sqrt(var_o + eps)`` of the BN after it (1 without one): the squared error a
+    unit of independent, zero-mean error on channel c adds to the BN-normalised output the next layer
+    sees. ``None`` where channels do not map one to one onto the layer's inputs (a grouped conv other than
+    depthwise, a classifier over a flattened map)."""
+    layer, bn = consumer.layer, consumer.bn
+    w = layer.weight.detach().float()
+    if bn is not None:
+        s = bn.weight.detach().float().abs() if bn.weight is not None else torch.ones(w.shape[0])
+        s = s / torch.sqrt(bn.running_var.detach().float() + bn.eps)
+        w = w * s.to(w.device).view(-1, *([1] * (w.dim() - 1)))
+    groups = getattr(layer, "groups", 1)
+    if groups == 1:
+        per_in = w.pow(2).transpose(0, 1).reshape(w.shape[1], -1).sum(1)
+    elif groups == channels and w.shape[1] == 1:  # depthwise (with any channel multiplier)
+        per_in = w.pow(2).reshape(channels, -1).sum(1)
+    else:
+        return None
+    return per_in.cpu() if per_in.numel() == channels else None
