@@ -3,7 +3,8 @@
 ``TcpProxy`` sits between a client and a real server (PostgreSQL here); ``cut()`` drops every
 open connection and refuses new ones until ``restore()``, which is what a database restart or a
 network partition looks like from the client. ``RedisServer`` is a private redis-server that can
-be stopped and started again on the same port.
+be stopped and started again on the same port. ``ack_lost_once`` makes a committed write look failed
+to the client, as a connection lost on the COMMIT acknowledgement does.
 """
 
 from __future__ import annotations
@@ -138,3 +139,30 @@ class RedisServer:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def ack_lost_once(monkeypatch, row_type) -> list:
+    """Patch worker.progress so that the connection drops while COMMIT is acknowledged, once, in the
+    first write that adds a ``row_type`` row: the transaction landed, the client sees an
+    OperationalError and retries the whole write (seen once in CI with PostgreSQL cut mid-job)."""
+    from sqlalchemy.exc import OperationalError
+
+    from worker.db import session_scope
+    from worker.retry import with_retry
+
+    failed = []
+
+    @contextlib.contextmanager
+    def ack_lost_once(url):
+        with session_scope(url) as s:
+            yield s
+            writes = any(isinstance(row, row_type) for row in [*s.new, *s.identity_map.values()])
+        if writes and not failed:  # committed above; now the client is told it was not
+            failed.append(True)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr("worker.progress.session_scope", ack_lost_once)
+    monkeypatch.setattr(
+        "worker.progress.with_retry", lambda fn, what, policy: with_retry(fn, what, policy, lambda s: None)
+    )
+    return failed  # [True] once the fault has fired

@@ -169,7 +169,13 @@ class JobReporter:
     # ------------------------------------------------------------------------------ writes
 
     def log(self, message: str, level: str = "info") -> None:
-        self.logs.append(JobLog(job_id=self.job_id, message=message, level=level))
+        self.logs.append(self._log_row(message, level))
+
+    def _log_row(self, message: str, level: str) -> JobLog:
+        # stamped now, not at insert: (created_at, message) is then the line's identity, the same in
+        # every retry of its batch, so a retry after a commit that landed replaces it instead of
+        # writing it twice
+        return JobLog(job_id=self.job_id, message=message, level=level, created_at=utcnow())
 
     def _trim_after(self, step: int) -> None:
         """A resumed attempt re-runs the steps after its checkpoint: drop their old points."""
@@ -205,6 +211,15 @@ class JobReporter:
                             MetricPoint.job_id == self.job_id,
                             tuple_(MetricPoint.kind, MetricPoint.step).in_(
                                 {(p.kind, p.step) for p in self.points}
+                            ),
+                        )
+                    )
+                if self.logs:  # and (created_at, message) a line's (see _log_row)
+                    s.execute(
+                        delete(JobLog).where(
+                            JobLog.job_id == self.job_id,
+                            tuple_(JobLog.created_at, JobLog.message).in_(
+                                {(row.created_at, row.message) for row in self.logs}
                             ),
                         )
                     )
@@ -257,9 +272,7 @@ class JobReporter:
             raise
         except Exception as exc:
             self.points, self.artifacts, self.row = [], [], {}
-            self.logs = [
-                JobLog(job_id=self.job_id, level="error", message=f"could not record progress: {exc}")
-            ]
+            self.logs = [self._log_row(f"could not record progress: {exc}", "error")]
             if state == "done":
                 state, values = (
                     "failed",

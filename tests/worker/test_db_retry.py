@@ -12,10 +12,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from dfq.pipeline import Event
-from tests.faults import TcpProxy
+from tests.faults import TcpProxy, ack_lost_once
 from worker.db import session_scope
 from worker.events import Publisher
-from worker.models import Checkpoint, Job, MetricPoint, User
+from worker.models import Checkpoint, Job, JobLog, MetricPoint, User
 from worker.progress import JobReporter
 from worker.retry import RetryPolicy, is_transient, with_retry
 
@@ -122,3 +122,19 @@ def test_only_connection_errors_are_retried():
 
     assert with_retry(recovers, "test", RetryPolicy(5, 0.5, 0.75), sleep=waits.append) == "ok"
     assert waits == [0.5, 0.75]  # exponential, capped
+
+
+def test_a_retried_write_keeps_each_log_line_once_on_postgres(pg, tmp_path, monkeypatch):
+    # A log line's identity in a retried batch is its (created_at, message): this checks that the
+    # timestamp written reads back equal on PostgreSQL, as the SQLite unit test cannot.
+    direct, _, _ = pg
+    job_id, owner = _running_job(direct)
+    reporter = JobReporter(direct, job_id, "tok", owner, Publisher(None), tmp_path, progress_interval_s=0)
+    failed = ack_lost_once(monkeypatch, JobLog)
+    reporter.log("one line")
+    reporter.log("another line")
+    reporter.flush()
+    assert failed
+    with session_scope(direct) as s:
+        lines = s.execute(select(JobLog.message).where(JobLog.job_id == job_id).order_by(JobLog.id)).scalars()
+        assert list(lines) == ["one line", "another line"]

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 from sqlalchemy import select, update
-from sqlalchemy.exc import OperationalError
 
 from dfq.pipeline import Event
+from tests.faults import ack_lost_once
 from worker.db import session_scope
 from worker.events import Publisher
-from worker.models import Artifact, Job, MetricPoint
+from worker.models import Artifact, Job, JobLog, MetricPoint
 from worker.progress import JobReporter, LostOwnership, artifact_kind, eta_seconds
-from worker.retry import with_retry
 
 
 class Clock:
@@ -196,24 +193,8 @@ def test_a_samples_event_also_lists_the_attention_figure_of_that_step(reporter, 
 
 
 def test_a_retry_after_a_commit_that_landed_writes_each_point_once(reporter, monkeypatch):
-    # The connection drops while COMMIT is acknowledged: the transaction landed, the client sees an
-    # OperationalError and retries the whole write (seen once in CI with PostgreSQL cut mid-job).
     rep, _ = reporter
-    failed = []
-
-    @contextlib.contextmanager
-    def ack_lost_once(url):
-        with session_scope(url) as s:
-            yield s
-            writes_points = any(isinstance(row, MetricPoint) for row in [*s.new, *s.identity_map.values()])
-        if writes_points and not failed:  # committed above; now the client is told it was not
-            failed.append(True)
-            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
-
-    monkeypatch.setattr("worker.progress.session_scope", ack_lost_once)
-    monkeypatch.setattr(
-        "worker.progress.with_retry", lambda fn, what, policy: with_retry(fn, what, policy, lambda s: None)
-    )
+    failed = ack_lost_once(monkeypatch, MetricPoint)
     for n in range(1, 4):
         rep.on_event(step(n))
     rep.flush()
@@ -221,3 +202,19 @@ def test_a_retry_after_a_commit_that_landed_writes_each_point_once(reporter, mon
     with session_scope(rep.db_url) as s:
         steps = sorted(s.execute(select(MetricPoint.step).where(MetricPoint.job_id == rep.job_id)).scalars())
     assert steps == [1, 2, 3]
+
+
+def test_a_retry_after_a_commit_that_landed_writes_each_log_line_once(reporter, monkeypatch):
+    rep, _ = reporter
+    with session_scope(rep.db_url) as s:  # a line from before this attempt, with the same text
+        s.add(JobLog(job_id=rep.job_id, message="phase warmup from step 0/10"))
+    failed = ack_lost_once(monkeypatch, JobLog)
+    rep.on_event(Event("phase", "warmup", 0, 10, 0))  # a phase event writes at once: one line
+    rep.log("a second line")
+    rep.flush()
+    assert failed
+    with session_scope(rep.db_url) as s:
+        lines = s.execute(select(JobLog.message).where(JobLog.job_id == rep.job_id).order_by(JobLog.id))
+        lines = list(lines.scalars())
+    # each line once; the earlier line of the same text is not taken for a retried one
+    assert lines == ["phase warmup from step 0/10"] * 2 + ["a second line"]
