@@ -6,7 +6,8 @@ on real data), (2) the same narrowed to the least-squared-error fraction of each
 images ("real-mse", what a least-error rule could win with real data), (3) ``quant.act_clip = "bn-mse"``
 (data-free: BN-fed sites from the teacher's BN, the other sites as in (1)), (4) the same with
 ``quant.act_equalize = "depthwise"`` ("bn-mse-eq": each channel feeding a depthwise conv on its own BN
-range, dfq/quant/equalize.py). It separates the range rule
+range, dfq/quant/equalize.py), (5) the same with ``quant.act_mse_weight = "consumer"`` ("bn-mse-eq-cw":
+the pooled sites' channels weighted by what their consumer feels, dfq/quant/consumers.py). It separates the range rule
 from everything a data-free job adds (synthetic images, fine-tuning).
 
     python bench/range_probe.py --teachers resnet20_fmnist mobilenetv2_fmnist --bits W32A4 W4A4
@@ -38,8 +39,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def calibrated(teacher: torch.nn.Module, bits: str, rule: str, x: torch.Tensor, shape) -> torch.nn.Module:
     student = quantize(teacher, JobSpec.model_validate({"bits": bits, "device": "cpu"}).quant)
     if rule.startswith("bn-mse"):
-        set_ranges_from_bn(student, shape)
-    if rule == "bn-mse-eq":
+        set_ranges_from_bn(student, shape, "consumer" if rule.endswith("-cw") else "uniform")
+    if rule.startswith("bn-mse-eq"):
         equalize_depthwise_inputs(student, shape)
     set_calibration(student, True)
     with torch.no_grad():
@@ -58,7 +59,7 @@ def calibrated(teacher: torch.nn.Module, bits: str, rule: str, x: torch.Tensor, 
     return student.eval()
 
 
-RULES = ("minmax", "real-mse", "bn-mse", "bn-mse-eq")
+RULES = ("minmax", "real-mse", "bn-mse", "bn-mse-eq", "bn-mse-eq-cw")
 
 
 def main() -> int:
