@@ -26,9 +26,8 @@ from dfq.quant.probe import probe_forward
 from dfq.quant.quantizer import MSE_ALPHAS, MSE_MAX_SAMPLES, RANGE_EPS, fake_quantize, mse_clipped_range
 
 _BN = (nn.BatchNorm2d, nn.BatchNorm1d)
-CHANNEL_SAMPLES = (
-    4096  # draws per channel where each channel's own error counts (the pooled 2^16 can leave ~70)
-)
+# draws per channel where each channel's own error counts (the pooled 2^16 can leave a channel ~70)
+CHANNEL_SAMPLES = 4096
 MseWeight = Literal["uniform", "consumer"]
 
 
