@@ -88,13 +88,21 @@ def log_line(session: Session, job_id: str, message: str, level: str = "info") -
     session.add(JobLog(job_id=job_id, message=message, level=level))
 
 
-def claim_job(session: Session, job_id: str, stale_after_s: float) -> ClaimResult:
-    """Take ownership of a job for one attempt, or say why this delivery must not run it."""
+def claim_job(session: Session, job_id: str, stale_after_s: float, token: str | None = None) -> ClaimResult:
+    """Take ownership of a job for one attempt, or say why this delivery must not run it.
+
+    ``token`` is the run token this claim writes; a caller that retries the claim passes the same one
+    each time, so that a retry after a commit that landed (its acknowledgement lost) finds the job
+    already its own and claims it, instead of skipping a job it owns and leaving it to the reaper.
+    """
+    token = token or uuid.uuid4().hex
     job = session.execute(select(Job).where(Job.id == job_id)).scalar_one_or_none()
     if job is None:
         return ClaimResult("skipped", "no such job")
     if job.state in TERMINAL_STATES:
         return ClaimResult("skipped", f"job is already {job.state}")
+    if job.state == "running" and job.run_token == token:
+        return ClaimResult("claimed", "this claim had landed", run_token=token, attempt=job.attempts)
     takeover = job.state == "running"
     if takeover and not owner_is_dead(job, stale_after_s):
         return ClaimResult("skipped", f"job is running on {job.worker}")
@@ -110,7 +118,6 @@ def claim_job(session: Session, job_id: str, stale_after_s: float) -> ClaimResul
             log_line(session, job.id, reason, "error")
             return ClaimResult("failed", reason)
         return ClaimResult("skipped", "lost a race with another claim")
-    token = uuid.uuid4().hex
     attempt = job.attempts + 1
     ok = _cas(
         session,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import uuid
 from pathlib import Path
 
 from sqlalchemy import select
@@ -57,9 +58,11 @@ def run_quantize(job_id: str, settings: WorkerSettings) -> str:
     """Run (or resume) a job if this delivery may; returns what happened, for the task's result."""
     url = settings.resolved_database_url
 
-    def claim_it():  # a claim whose commit failed changed nothing, so it can be retried
+    token = uuid.uuid4().hex  # one token for every try: a try whose commit landed is recognised
+
+    def claim_it():
         with session_scope(url) as s:
-            return claim_job(s, job_id, settings.stale_after_s)
+            return claim_job(s, job_id, settings.stale_after_s, token)
 
     claim = with_retry(claim_it, "claim", settings.retry_policy)
     if claim.outcome != "claimed":

@@ -58,6 +58,26 @@ def test_only_one_of_two_claims_wins(sqlite_url, make_job):
     )
 
 
+def test_a_retried_claim_whose_commit_landed_is_still_claimed(sqlite_url, make_job):
+    # the first try committed but its caller saw an error (a lost COMMIT acknowledgement) and retries
+    # with the same token: the job is its own, not a live stranger's to skip
+    job_id = make_job()
+    with session_scope(sqlite_url) as s:
+        first = claim_job(s, job_id, 60, token="mine")
+    with session_scope(sqlite_url) as s:
+        again = claim_job(s, job_id, 60, token="mine")
+    with session_scope(sqlite_url) as s:
+        other = claim_job(s, job_id, 60, token="another")
+    assert (first.outcome, first.run_token, first.attempt) == ("claimed", "mine", 1)
+    assert (again.outcome, again.run_token, again.attempt) == ("claimed", "mine", 1)
+    assert other.outcome == "skipped"  # a different claim still finds a live owner
+    job = _job(sqlite_url, job_id)
+    assert (job.state, job.attempts, job.run_token) == ("running", 1, "mine")
+    with session_scope(sqlite_url) as s:
+        started = [r.message for r in s.query(JobLog).filter_by(job_id=job_id) if "started" in r.message]
+    assert len(started) == 1  # and the retry wrote no second "attempt 1/N started" line
+
+
 def test_a_live_owner_is_not_taken_over(sqlite_url, make_job):
     job_id = make_job(
         state="running", attempts=1, run_token="t", worker=worker_identity(), heartbeat_at=utcnow()
