@@ -78,7 +78,7 @@ class QuantSpec(_Strict):
     )
 
     @model_validator(mode="after")
-    def _equalize_needs(self) -> QuantSpec:
+    def _bn_mse_options_need(self) -> QuantSpec:
         if self.act_mse_weight != "uniform" and self.act_clip != "bn-mse":
             raise ValueError(
                 "quant.act_mse_weight needs quant.act_clip 'bn-mse': it weights the channels of the "

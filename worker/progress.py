@@ -205,24 +205,10 @@ class JobReporter:
                 )
                 if result.rowcount != 1:
                     raise LostOwnership(f"job {self.job_id} is no longer owned by this attempt")
-                if self.points:  # (kind, step) is a point's identity: a retried batch replaces, not repeats
-                    s.execute(
-                        delete(MetricPoint).where(
-                            MetricPoint.job_id == self.job_id,
-                            tuple_(MetricPoint.kind, MetricPoint.step).in_(
-                                {(p.kind, p.step) for p in self.points}
-                            ),
-                        )
-                    )
-                if self.logs:  # and (created_at, message) a line's (see _log_row)
-                    s.execute(
-                        delete(JobLog).where(
-                            JobLog.job_id == self.job_id,
-                            tuple_(JobLog.created_at, JobLog.message).in_(
-                                {(row.created_at, row.message) for row in self.logs}
-                            ),
-                        )
-                    )
+                # a retried batch replaces its rows, not repeats them: a point is identified by (kind,
+                # step), a log line by (created_at, message) (see _log_row)
+                self._delete_batch(s, MetricPoint, ("kind", "step"), self.points)
+                self._delete_batch(s, JobLog, ("created_at", "message"), self.logs)
                 s.add_all([_copy(row) for row in self.points + self.logs])
                 for name, size, partial in self.artifacts:
                     self._upsert_artifact(s, name, size, partial)
@@ -230,6 +216,13 @@ class JobReporter:
         with_retry(write, "progress", self.retry)
         self.points, self.logs, self.artifacts = [], [], []
         self.writes += 1
+
+    def _delete_batch(self, s: Any, table: type, key: tuple[str, ...], rows: list) -> None:
+        """Delete this job's rows of ``table`` whose ``key`` columns equal one of ``rows``'."""
+        if rows:
+            columns = tuple_(*(getattr(table, c) for c in key))
+            keys = {tuple(getattr(row, c) for c in key) for row in rows}
+            s.execute(delete(table).where(table.job_id == self.job_id, columns.in_(keys)))
 
     def _upsert_artifact(self, s: Any, name: str, size: int, partial: bool = False) -> None:
         existing = s.execute(
