@@ -204,6 +204,8 @@ class JobReporter:
                     .execution_options(synchronize_session=False)
                 )
                 if result.rowcount != 1:
+                    if self._final_write_landed(s, values):
+                        return  # its rows went in with it; writing them again would repeat them
                     raise LostOwnership(f"job {self.job_id} is no longer owned by this attempt")
                 # a retried batch replaces its rows, not repeats them: a point is identified by (kind,
                 # step), a log line by (created_at, message) (see _log_row)
@@ -216,6 +218,21 @@ class JobReporter:
         with_retry(write, "progress", self.retry)
         self.points, self.logs, self.artifacts = [], [], []
         self.writes += 1
+
+    def _final_write_landed(self, s: Any, values: dict[str, Any]) -> bool:
+        """Whether the row already holds this very final write: a retry of ``finish`` after a COMMIT
+        that landed finds the job no longer ``running``, yet the job is finished by this attempt and
+        must not end as lost ownership (no last ``state`` event, a ``lost`` outcome). ``finished_at``
+        is stamped once per final write, so a reaper's or another attempt's ending never matches."""
+        if values.get("state") in (None, "running"):
+            return False
+        mine = select(Job.id).where(  # compared in SQL, as the stored timestamp's type is the database's
+            Job.id == self.job_id,
+            Job.state == values["state"],
+            Job.run_token == self.run_token,
+            Job.finished_at == values["finished_at"],
+        )
+        return s.execute(mine).first() is not None
 
     def _delete_batch(self, s: Any, table: type, key: tuple[str, ...], rows: list) -> None:
         """Delete this job's rows of ``table`` whose ``key`` columns equal one of ``rows``'."""

@@ -138,3 +138,18 @@ def test_a_retried_write_keeps_each_log_line_once_on_postgres(pg, tmp_path, monk
     with session_scope(direct) as s:
         lines = s.execute(select(JobLog.message).where(JobLog.job_id == job_id).order_by(JobLog.id)).scalars()
         assert list(lines) == ["one line", "another line"]
+
+
+def test_a_retried_final_write_whose_commit_landed_finishes_the_job_on_postgres(pg, tmp_path, monkeypatch):
+    # finish() recognises its own landed write by finished_at: this checks that the comparison holds on
+    # PostgreSQL's timestamp type, as the SQLite unit test cannot
+    direct, _, _ = pg
+    job_id, owner = _running_job(direct)
+    reporter = JobReporter(direct, job_id, "tok", owner, Publisher(None), tmp_path, progress_interval_s=0)
+    failed = ack_lost_once(monkeypatch, JobLog)
+    reporter.finish("done", report={"q_top1": 1.0})  # raised LostOwnership before
+    assert failed
+    with session_scope(direct) as s:
+        assert s.get(Job, job_id).state == "done"
+        lines = s.execute(select(JobLog.message).where(JobLog.job_id == job_id)).scalars()
+        assert list(lines) == ["job done"]

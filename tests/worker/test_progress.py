@@ -218,3 +218,24 @@ def test_a_retry_after_a_commit_that_landed_writes_each_log_line_once(reporter, 
         lines = list(lines.scalars())
     # each line once; the earlier line of the same text is not taken for a retried one
     assert lines == ["phase warmup from step 0/10"] * 2 + ["a second line"]
+
+
+def test_a_retried_final_write_whose_commit_landed_still_finishes_the_job(reporter, monkeypatch):
+    rep, _ = reporter
+    failed = ack_lost_once(monkeypatch, JobLog)  # the final write is the first to add a log line
+    rep.finish("done", report={"q_top1": 1.0})  # before the fix: LostOwnership (the job is no longer running)
+    assert failed
+    assert rep.publisher.sent[-1][0] == "state" and rep.publisher.sent[-1][1]["state"] == "done"
+    with session_scope(rep.db_url) as s:
+        job = s.get(Job, rep.job_id)
+        assert (job.state, job.report) == ("done", {"q_top1": 1.0})
+        lines = list(s.execute(select(JobLog.message).where(JobLog.job_id == rep.job_id)).scalars())
+    assert lines == ["job done"]
+
+
+def test_a_job_finished_by_someone_else_is_still_lost_ownership(reporter):
+    rep, _ = reporter
+    with session_scope(rep.db_url) as s:  # e.g. the reaper failed it, keeping the run token
+        s.execute(update(Job).where(Job.id == rep.job_id).values(state="done"))
+    with pytest.raises(LostOwnership):
+        rep.finish("done", report={"q_top1": 1.0})
