@@ -29,7 +29,6 @@ from dfq.evaluate import evaluate_pair
 from dfq.models.teachers import load_bundled
 from dfq.quant import ActQuant, quantize, set_calibration
 from dfq.quant.bn_ranges import set_ranges_from_bn
-from dfq.quant.equalize import equalize_depthwise_inputs
 from dfq.quant.quantizer import mse_clipped_range
 from dfq.spec import JobSpec
 
@@ -39,9 +38,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def calibrated(teacher: torch.nn.Module, bits: str, rule: str, x: torch.Tensor, shape) -> torch.nn.Module:
     student = quantize(teacher, JobSpec.model_validate({"bits": bits, "device": "cpu"}).quant)
     if rule.startswith("bn-mse"):
-        set_ranges_from_bn(student, shape, "consumer" if rule.endswith("-cw") else "uniform")
-    if rule.startswith("bn-mse-eq"):
-        equalize_depthwise_inputs(student, shape)
+        weighting = "consumer" if rule.endswith("-cw") else "uniform"
+        set_ranges_from_bn(student, shape, weighting, equalize=rule.startswith("bn-mse-eq"))
     set_calibration(student, True)
     with torch.no_grad():
         for i in range(0, len(x), 64):

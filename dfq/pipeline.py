@@ -28,7 +28,6 @@ from dfq.distill import student_loss
 from dfq.evaluate import predict, top1
 from dfq.quant import quantize, set_calibration
 from dfq.quant.bn_ranges import set_ranges_from_bn
-from dfq.quant.equalize import equalize_depthwise_inputs
 from dfq.spec import JobSpec, same_spec
 from dfq.speed import as_float32, autocast, compile_networks, set_memory_format
 from dfq.synth.bn_stats import bn_layers
@@ -147,9 +146,10 @@ class Pipeline:
             raise ValueError("the teacher has no BatchNorm layers: nothing for the generator to match")
         self.student = quantize(self.teacher, spec.quant).to(self.device).eval()
         if spec.quant.act_clip == "bn-mse":
-            set_ranges_from_bn(self.student, self.input_shape, spec.quant.act_mse_weight)
-        if spec.quant.act_equalize == "depthwise":
-            equalize_depthwise_inputs(self.student, self.input_shape)
+            q = spec.quant
+            set_ranges_from_bn(
+                self.student, self.input_shape, q.act_mse_weight, q.act_equalize == "depthwise"
+            )
         for p in self.student.parameters():
             p.requires_grad_(True)
         m, b = spec.method, spec.budget

@@ -15,20 +15,22 @@ functional ``F.relu``) keep the reference's min/max EMA over synthetic batches.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Literal
 
 import torch
 from torch import nn
 
+from dfq.quant.bn_samples import CHANNEL_SAMPLES, bn_samples
 from dfq.quant.consumers import channel_weights, sole_consumers
+from dfq.quant.equalize import depthwise_consumer, equalize_site
 from dfq.quant.modules import FLOAT_BITS, ActQuant
 from dfq.quant.probe import probe_forward
-from dfq.quant.quantizer import MSE_ALPHAS, MSE_MAX_SAMPLES, RANGE_EPS, fake_quantize, mse_clipped_range
+from dfq.quant.quantizer import MSE_ALPHAS, RANGE_EPS, fake_quantize, mse_clipped_range
 
 _BN = (nn.BatchNorm2d, nn.BatchNorm1d)
-# draws per channel where each channel's own error counts (the pooled 2^16 can leave a channel ~70)
-CHANNEL_SAMPLES = 4096
 MseWeight = Literal["uniform", "consumer"]
+RangeRule = Literal["pooled", "weighted", "equalised"]
 
 
 def bn_fed_quantizers(
@@ -69,18 +71,6 @@ def bn_fed_quantizers(
     return found
 
 
-def bn_samples(
-    bn: nn.Module, lower: float, upper: float, seed: int = 0, per_channel: int | None = None
-) -> torch.Tensor:
-    """``samples x channels`` draws of ``clamp(N(beta_c, gamma_c^2), lower, upper)`` from a fixed seed: the
-    activations the BN describes. ``per_channel`` draws each (default: 2^16 in all, at least 16 each)."""
-    gamma = bn.weight.detach().float().cpu() if bn.weight is not None else torch.ones(bn.num_features)
-    beta = bn.bias.detach().float().cpu() if bn.bias is not None else torch.zeros(bn.num_features)
-    per_channel = per_channel or max(16, MSE_MAX_SAMPLES // gamma.numel())
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(per_channel, gamma.numel(), generator=g) * gamma.abs() + beta).clamp(lower, upper)
-
-
 def bn_mse_range(bn: nn.Module, lower: float, upper: float, bits: int, seed: int = 0) -> tuple[float, float]:
     """The k-bit least-squared-error range of ``clamp(N(beta_c, gamma_c^2), lower, upper)`` pooled over
     channels, on a fixed-seed sample (at most 2^16 draws, equally many per channel)."""
@@ -113,24 +103,44 @@ def weighted_bn_mse_range(
 
 
 def set_ranges_from_bn(
-    model: nn.Module, input_shape: tuple[int, ...], weighting: MseWeight = "uniform"
-) -> list[str]:
-    """Fix the range of every BN-fed activation quantizer of a fresh student; returns their names.
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    weighting: MseWeight = "uniform",
+    equalize: bool = False,
+) -> dict[str, RangeRule]:
+    """Fix the range of every BN-fed activation quantizer of a fresh student, each site by one rule;
+    returns ``{site: rule}``.
 
-    ``weighting="consumer"`` weights each channel's squared error by what it adds to the output of the
-    layer that consumes the site (:func:`dfq.quant.consumers.channel_weights`): a per-tensor range pooled
-    over channels otherwise spends its levels on wide channels whose errors the next layer barely feels.
-    Sites without a single conv/linear consumer keep the uniform rule."""
+    Rules, first that applies: ``equalised`` (``equalize``, ``quant.act_equalize = "depthwise"``: a site
+    whose only consumer is a depthwise conv gets per-channel ranges folded into that conv,
+    :func:`dfq.quant.equalize.equalize_site`), ``weighted`` (``weighting="consumer"``: each channel's
+    squared error weighted by what it adds to the output of the layer that consumes the site,
+    :func:`dfq.quant.consumers.channel_weights`, as a per-tensor range pooled over channels otherwise spends
+    its levels on wide channels whose errors the next layer barely feels), ``pooled`` (every channel alike).
+    One pass that picks per site, so no range is computed to be overwritten. The consumer weights are all
+    read before any site is equalised: an equalised site rescales its BN, which is the BN after an
+    earlier site's consumer."""
     sites = bn_fed_quantizers(model, input_shape)
-    consumers = sole_consumers(model, input_shape) if weighting == "consumer" else {}
+    consumers = sole_consumers(model, input_shape) if weighting == "consumer" or equalize else {}
+    weights = {
+        name: channel_weights(consumers[name], bn.num_features)
+        for name, (bn, _, _) in sites.items()
+        if weighting == "consumer" and name in consumers
+    }
+    feeds = Counter(id(bn) for bn, _, _ in sites.values())  # a BN feeding two sites is rescaled by neither
     modules = dict(model.named_modules())
+    rules: dict[str, RangeRule] = {}
     for name, (bn, lower, upper) in sites.items():
         q = modules[name]
         if q.bits >= FLOAT_BITS:
             continue
-        w = channel_weights(consumers[name], bn.num_features) if name in consumers else None
-        if w is None:
-            q.fix_range(*bn_mse_range(bn, lower, upper, q.bits))
+        conv = depthwise_consumer(consumers.get(name)) if equalize and feeds[id(bn)] == 1 else None
+        if conv is not None and equalize_site(q, bn, conv, lower, upper):
+            rules[name] = "equalised"
+        elif weights.get(name) is not None:
+            q.fix_range(*weighted_bn_mse_range(bn, lower, upper, q.bits, weights[name]))
+            rules[name] = "weighted"
         else:
-            q.fix_range(*weighted_bn_mse_range(bn, lower, upper, q.bits, w))
-    return sorted(sites)
+            q.fix_range(*bn_mse_range(bn, lower, upper, q.bits))
+            rules[name] = "pooled"
+    return dict(sorted(rules.items()))

@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dfq.quant.bn_ranges import CHANNEL_SAMPLES, bn_fed_quantizers, bn_samples
-from dfq.quant.consumers import sole_consumers
-from dfq.quant.modules import FLOAT_BITS, QuantConv2d
+from dfq.quant.bn_samples import CHANNEL_SAMPLES, bn_samples
+from dfq.quant.consumers import Consumer
+from dfq.quant.modules import FLOAT_BITS, ActQuant, QuantConv2d
 from dfq.quant.quantizer import MSE_ALPHAS, RANGE_EPS, fake_quantize
 
 MIN_SCALE = 1 / 64  # a dead channel (range ~0) is not blown up by more than this
@@ -54,36 +54,28 @@ def _is_depthwise(conv: nn.Module) -> bool:
     )
 
 
-def sole_depthwise_consumers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, QuantConv2d]:
-    """``{quantizer name: conv}`` for every ActQuant whose output is used by exactly one operation, a
-    depthwise QuantConv2d with per-channel weight ranges that takes it directly (uses counted on the
-    autograd graph, so a functional use such as a residual add disqualifies a site)."""
-    return {
-        name: c.layer
-        for name, c in sole_consumers(model, input_shape).items()
-        if c.direct and _is_depthwise(c.layer)
-    }
+def depthwise_consumer(consumer: Consumer | None) -> QuantConv2d | None:
+    """The depthwise QuantConv2d (per-channel weight ranges) that takes a site's output directly, if that
+    is the site's sole consumer (:func:`dfq.quant.consumers.sole_consumers`): only there is the rescale
+    free."""
+    if consumer is not None and consumer.direct and _is_depthwise(consumer.layer):
+        return consumer.layer
+    return None
 
 
 @torch.no_grad()
-def equalize_depthwise_inputs(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
-    """Rescale every BN-fed quantizer site whose sole consumer is a depthwise conv (module docstring) and
-    fix its range. Call on a fresh student whose BN-fed ranges are already set (a quantizer without a range
-    cannot run the tracing forward); returns the sites rescaled."""
-    sites = bn_fed_quantizers(model, input_shape)
-    consumers = sole_depthwise_consumers(model, input_shape)
-    modules = dict(model.named_modules())
-    done = []
-    for name, (bn, lower, upper) in sites.items():
-        q, conv = modules[name], consumers.get(name)
-        if conv is None or q.bits >= FLOAT_BITS or lower != 0 or bn.weight is None or bn.bias is None:
-            continue
-        a = bn_samples(bn, lower, upper, per_channel=CHANNEL_SAMPLES)
-        r = channel_mse_upper(a, q.bits)
-        e = (r / r.max()).clamp_min(MIN_SCALE)
-        bn.weight.div_(e.to(bn.weight))
-        bn.bias.div_(e.to(bn.bias))
-        conv.weight.mul_(e.to(conv.weight).view(-1, 1, 1, 1))
-        q.fix_range(0.0, float(r.max()))  # channel c's own range r_c, in the rescaled units
-        done.append(name)
-    return sorted(done)
+def equalize_site(q: ActQuant, bn: nn.Module, conv: QuantConv2d, lower: float, upper: float) -> bool:
+    """Rescale one site ``relu(bn(.)) -> q -> conv`` (module docstring) and fix ``q``'s range; False, and
+    nothing touched, where the BN has no affine parameters to carry the rescale or the ReLU's lower bound
+    is not 0. Called by :func:`dfq.quant.bn_ranges.set_ranges_from_bn` (``equalize=True``), which finds
+    the sites."""
+    if lower != 0 or bn.weight is None or bn.bias is None:
+        return False
+    a = bn_samples(bn, lower, upper, per_channel=CHANNEL_SAMPLES)
+    r = channel_mse_upper(a, q.bits)
+    e = (r / r.max()).clamp_min(MIN_SCALE)
+    bn.weight.div_(e.to(bn.weight))
+    bn.bias.div_(e.to(bn.bias))
+    conv.weight.mul_(e.to(conv.weight).view(-1, 1, 1, 1))
+    q.fix_range(0.0, float(r.max()))  # channel c's own range r_c, in the rescaled units
+    return True

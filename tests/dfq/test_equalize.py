@@ -1,7 +1,5 @@
 """``quant.act_equalize = "depthwise"``: per-channel activation ranges folded into depthwise filters."""
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -10,7 +8,8 @@ from dfq.models.teachers import load_bundled
 from dfq.pipeline import Pipeline
 from dfq.quant import ActQuant, quantize
 from dfq.quant.bn_ranges import set_ranges_from_bn
-from dfq.quant.equalize import channel_mse_upper, equalize_depthwise_inputs, sole_depthwise_consumers
+from dfq.quant.consumers import sole_consumers
+from dfq.quant.equalize import channel_mse_upper, depthwise_consumer
 from dfq.spec import JobSpec, QuantSpec
 
 
@@ -45,18 +44,24 @@ class _Net(nn.Module):
         return self.fc(self.pw(b).mean((2, 3)))
 
 
-def _student(net: nn.Module, bits: str = "W4A3") -> nn.Module:
+def _student(net: nn.Module, bits: str = "W4A3", equalize: bool = False) -> tuple[nn.Module, dict]:
     torch.manual_seed(0)
     student = quantize(net.eval(), QuantSpec(**JobSpec.model_validate({"bits": bits}).quant.model_dump()))
-    set_ranges_from_bn(student, (3, 8, 8))
-    return student
+    return student, set_ranges_from_bn(student, (3, 8, 8), equalize=equalize)
+
+
+def _equalised(rules: dict) -> list[str]:
+    return [name for name, rule in rules.items() if rule == "equalised"]
 
 
 def test_only_a_sole_depthwise_consumer_counts():
-    plain, shortcut = _student(_Net()), _student(_Net(shortcut=True))
-    assert list(sole_depthwise_consumers(plain, (3, 8, 8))) == ["stem.2.1"]  # not dw's: a 1x1 uses it
-    assert sole_depthwise_consumers(shortcut, (3, 8, 8)) == {}  # the add is a second use
-    assert equalize_depthwise_inputs(shortcut, (3, 8, 8)) == []
+    (plain, _), (shortcut, rules) = _student(_Net()), _student(_Net(shortcut=True), equalize=True)
+    found = {n: depthwise_consumer(c) for n, c in sole_consumers(plain, (3, 8, 8)).items()}
+    assert [n for n, conv in found.items() if conv is not None] == ["stem.2.1"]  # not dw's: a 1x1 uses it
+    assert found["stem.2.1"] is plain.dw[0]
+    assert all(depthwise_consumer(c) is None for c in sole_consumers(shortcut, (3, 8, 8)).values())
+    assert _equalised(rules) == []  # the add is a second use
+    assert rules == {"dw.2.1": "pooled", "stem.2.1": "pooled"}
 
 
 def _per_channel_quant(q: ActQuant, hi: torch.Tensor) -> None:
@@ -67,9 +72,10 @@ def _per_channel_quant(q: ActQuant, hi: torch.Tensor) -> None:
 
 
 def test_equalised_student_is_per_channel_activation_quantization():
-    student = _student(_Net())
-    reference = copy.deepcopy(student)
-    assert equalize_depthwise_inputs(student, (3, 8, 8)) == ["stem.2.1"]
+    reference, _ = _student(_Net())
+    student, rules = _student(_Net(), equalize=True)
+    assert rules == {"dw.2.1": "pooled", "stem.2.1": "equalised"}
+    assert reference.dw[2][1].range() == student.dw[2][1].range()  # the other site as without it
     e = reference.stem[1].weight / student.stem[1].weight  # the rescale, read back from the BN
     assert (e > 0).all() and (e <= 1).all() and e.max() == 1 and e.min() < 0.1
     q = student.stem[2][1]
@@ -90,13 +96,12 @@ def test_equalised_student_is_per_channel_activation_quantization():
 def test_bundled_mobilenet_sites_and_resnets_have_none():
     model, info = load_bundled("mobilenetv2_fmnist")
     student = quantize(model, QuantSpec(w_bits=4, a_bits=4, act_clip="bn-mse"))
-    set_ranges_from_bn(student, info.input_shape)
+    rules = set_ranges_from_bn(student, info.input_shape, equalize=True)
     # MobileNetV2: the stem and the 16 expansions (blocks 2-17) feed a depthwise conv; block 1 has none
-    assert len(equalize_depthwise_inputs(student, info.input_shape)) == 17
+    assert (len(_equalised(rules)), len(rules)) == (17, 35)
     model, info = load_bundled("resnet20_fmnist")
     student = quantize(model, QuantSpec(w_bits=4, a_bits=4, act_clip="bn-mse"))
-    set_ranges_from_bn(student, info.input_shape)
-    assert equalize_depthwise_inputs(student, info.input_shape) == []
+    assert _equalised(set_ranges_from_bn(student, info.input_shape, equalize=True)) == []
 
 
 def test_a_job_equalises_at_start(tiny_spec):
@@ -121,3 +126,29 @@ def test_spec_refuses_equalising_without_bn_ranges_or_per_channel_weights():
         )
     with pytest.raises(ValueError, match="act_equalize"):
         JobSpec.model_validate({"quant": {"act_clip": "bn-mse", "act_equalize": "all"}})
+
+
+class _TwoBranches(nn.Module):
+    """The stem's BN feeds two ReLU6 sites: one read by a depthwise conv only, one by a 1x1 conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+        self.act_a, self.act_b = nn.ReLU6(), nn.ReLU6()
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.pw = nn.Conv2d(4, 4, 1)
+        with torch.no_grad():
+            self.stem[1].weight.copy_(torch.tensor([2.0, 3.0, 0.05, -0.2]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.stem(x)
+        return (self.dw(self.act_a(a)) + self.pw(self.act_b(a))).mean((2, 3))
+
+
+def test_a_bn_that_feeds_two_sites_is_not_rescaled():
+    # rescaling the stem's BN for the depthwise branch would also scale what the 1x1 branch reads
+    student, rules = _student(_TwoBranches(), equalize=True)
+    assert list(rules.values()) == ["pooled", "pooled"]
+    found = {n: depthwise_consumer(c) for n, c in sole_consumers(student, (3, 8, 8)).items()}
+    assert [n for n, conv in found.items() if conv is not None] == [next(iter(rules))]  # else eligible
+    assert torch.equal(student.stem[1].weight, torch.tensor([2.0, 3.0, 0.05, -0.2]))

@@ -31,7 +31,7 @@ def test_equal_weights_are_the_pooled_rule():
     with torch.no_grad():
         bn.weight.copy_(torch.tensor([0.1, 0.5, 1.0, 2.0, 0.3, 1.5]))
         bn.bias.copy_(torch.tensor([0.0, 1.0, -0.5, 2.0, 0.2, 0.0]))
-    from dfq.quant.bn_ranges import bn_samples
+    from dfq.quant.bn_samples import bn_samples
 
     a = bn_samples(bn, 0.0, 6.0)
     assert weighted_mse_range(a, 4, torch.ones(6)) == pytest.approx(bn_mse_range(bn, 0.0, 6.0, 4), rel=1e-6)
@@ -129,3 +129,18 @@ def test_a_job_weights_at_start_and_the_spec_guards_it(tiny_spec):
     assert JobSpec.model_validate({}).quant.act_mse_weight == "uniform"
     with pytest.raises(ValueError, match="act_mse_weight needs"):
         JobSpec.model_validate({"quant": {"act_mse_weight": "consumer"}})
+
+
+def test_equalising_leaves_the_other_sites_weighted_as_without_it():
+    # one pass: the consumer weights are read before any BN is rescaled, so the 18 sites not equalised
+    # keep the ranges they get without equalisation
+    model, info = load_bundled("mobilenetv2_fmnist")
+    ranges, rules = {}, {}
+    for equalize in (False, True):
+        student = quantize(model, QuantSpec(w_bits=4, a_bits=3, act_clip="bn-mse"))
+        rules[equalize] = set_ranges_from_bn(student, info.input_shape, "consumer", equalize)
+        ranges[equalize] = {n: m.range() for n, m in student.named_modules() if n in rules[equalize]}
+    others = [n for n, rule in rules[True].items() if rule != "equalised"]
+    assert len(others) == 18 and {rules[True][n] for n in others} == {"weighted"}
+    assert all(ranges[True][n] == ranges[False][n] for n in others)
+    assert rules[False] == {n: "weighted" for n in rules[False]}
