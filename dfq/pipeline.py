@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 from dfq import oom
 from dfq.data import LabelledSet, Preprocess
@@ -154,9 +153,6 @@ class Pipeline:
         for p in self.student.parameters():
             p.requires_grad_(True)
         m, b = spec.method, spec.budget
-        # budget.average_from: the running mean of the student's weights (buffers follow the live student:
-        # its BN runs in eval mode, and the activation ranges are the live ones)
-        self.averaged = AveragedModel(self.student, use_buffers=False) if b.average_from is not None else None
         self.generator = build_generator(
             m.generator,
             num_classes,
@@ -214,7 +210,6 @@ class Pipeline:
             "rng": _rng_state(),
             "history": json.dumps(self.history),
             "objective": self.objective.state_dict(),
-            **({"averaged": self.averaged.state_dict()} if self.averaged is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -233,8 +228,6 @@ class Pipeline:
         self.sched_s.load_state_dict(state["sched_s"])
         self.history = json.loads(state["history"])
         self.objective.load_state_dict(state.get("objective", {}))
-        if self.averaged is not None:
-            self.averaged.load_state_dict(state["averaged"])
         _set_rng_state(state["rng"])
 
     def save(self, path: str | Path) -> None:
@@ -304,8 +297,6 @@ class Pipeline:
                     "into another --out (this one's checkpoint belongs to the old spec)"
                 )
             self.opt_s.step()
-            if self.averaged is not None and epoch >= b.average_from:
-                self.averaged.update_parameters(self.student)
         metrics = {
             "g_loss": loss_g.item(),
             "g_acc": top1(t_logits.argmax(1), y),
@@ -399,13 +390,6 @@ class Pipeline:
                 self.save(checkpoint_path)
                 emit(Event("checkpoint", phase, self.step, self.total, epoch))
         set_calibration(self.student, False)
-        if self.averaged is not None and int(self.averaged.n_averaged):
-            with torch.no_grad():  # the job finishes with the average (evaluated, exported)
-                for live, mean in zip(
-                    self.student.parameters(), self.averaged.module.parameters(), strict=True
-                ):
-                    live.copy_(mean)
-            self.history["averaged_steps"] = int(self.averaged.n_averaged)
         set_memory_format(self._networks(), False)  # exports (safetensors) need contiguous NCHW tensors
         compile_networks([self.student, self.generator], False)  # export traces them again, eager
         return self.history

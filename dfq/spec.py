@@ -437,13 +437,6 @@ class BudgetSpec(_Strict):
         description="clip the student's gradient to this global L2 norm before each step (None: no "
         "clipping, as every reference; the norm is logged as s_grad_norm either way)",
     )
-    average_from: int | None = Field(
-        None,
-        ge=0,
-        description="from this epoch on, average the student's weights over every step and finish with "
-        "the average (stochastic weight averaging; dfq's own, docs/methods.md). None: the last step's "
-        "weights, as every reference",
-    )
     eval_every: int = Field(
         0, ge=0, description="evaluate on the labelled set every N epochs (0: only at the end)"
     )
@@ -466,11 +459,6 @@ class BudgetSpec(_Strict):
             raise ValueError(
                 f"warmup_epochs ({self.warmup_epochs}) must not exceed epochs ({self.epochs}); equal means "
                 "calibration only (the student is never stepped)"
-            )
-        if self.average_from is not None and not self.warmup_epochs <= self.average_from < self.epochs:
-            raise ValueError(
-                f"average_from ({self.average_from}) must be an epoch in which the student is stepped: "
-                f"from warmup_epochs ({self.warmup_epochs}) to epochs - 1 ({self.epochs - 1})"
             )
         return self
 
