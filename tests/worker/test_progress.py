@@ -235,7 +235,8 @@ def test_a_retried_final_write_whose_commit_landed_still_finishes_the_job(report
 
 def test_a_job_finished_by_someone_else_is_still_lost_ownership(reporter):
     rep, _ = reporter
-    with session_scope(rep.db_url) as s:  # e.g. the reaper failed it, keeping the run token
+    # the same state under the same token, written by another write: its finished_at is not this one's
+    with session_scope(rep.db_url) as s:
         s.execute(update(Job).where(Job.id == rep.job_id).values(state="done"))
     with pytest.raises(LostOwnership):
         rep.finish("done", report={"q_top1": 1.0})
