@@ -223,12 +223,13 @@ class JobReporter:
         """Whether the row already holds this very final write: a retry of ``finish`` after a COMMIT
         that landed finds the job no longer ``running``, yet the job is finished by this attempt and
         must not end as lost ownership (no last ``state`` event, a ``lost`` outcome). ``finished_at``
-        is stamped once per final write, so a reaper's or another attempt's ending never matches."""
-        if values.get("state") in (None, "running"):
+        is stamped once per final write, so a reaper's or another attempt's ending never matches; a write
+        without it is a progress write, never a final one."""
+        if values.get("finished_at") is None:
             return False
         mine = select(Job.id).where(  # compared in SQL, as the stored timestamp's type is the database's
             Job.id == self.job_id,
-            Job.state == values["state"],
+            Job.state == values.get("state"),
             Job.run_token == self.run_token,
             Job.finished_at == values["finished_at"],
         )
