@@ -237,6 +237,7 @@ def aggregate(reports: list[dict]) -> list[dict]:
                 "act_ste": rs[0].get("act_ste", "identity"),
                 "act_equalize": rs[0].get("act_equalize", "none"),  # reports before 2026-12-06 lack it
                 "act_mse_weight": rs[0].get("act_mse_weight", "uniform"),  # before 2026-12-06 (second)
+                "weight_round": rs[0].get("weight_round", "nearest"),  # before 2026-12-06 (fourth)
                 "seeds": [r["seed"] for r in rs],
                 "per_seed": [per_seed(r) for r in rs],
                 "fp_top1": rs[0]["fp_top1"],
@@ -288,7 +289,7 @@ def markdown(rows: list[dict], budget: str) -> str:
     rows = [r for r in rows if not r.get("failed")]
     foot = (
         f"\nBudget `{budget}`, seeds {seeds} (mean ± sample std where n > 1), KD reduction `{rows[0]['kd_reduction'] if rows else ''}`, "
-        f"activation ranges `{rows[0]['act_range'] if rows else ''}` / `{rows[0]['act_clip'] if rows else ''}` / STE `{rows[0]['act_ste'] if rows else ''}` / equalised `{rows[0]['act_equalize'] if rows else ''}` / channel weights `{rows[0]['act_mse_weight'] if rows else ''}`. Final-epoch top-1 on the full Fashion-MNIST test set (10,000 images).\n"
+        f"activation ranges `{rows[0]['act_range'] if rows else ''}` / `{rows[0]['act_clip'] if rows else ''}` / STE `{rows[0]['act_ste'] if rows else ''}` / equalised `{rows[0]['act_equalize'] if rows else ''}` / channel weights `{rows[0]['act_mse_weight'] if rows else ''}` / weight rounding `{rows[0]['weight_round'] if rows else ''}`. Final-epoch top-1 on the full Fashion-MNIST test set (10,000 images).\n"
         f"*Best epoch: the best of the per-epoch evaluations on the first {rows[0]['best_epoch_n_eval'] if rows else '?'} test images "
         "(test-set model selection, as the reference repositories report; not the headline).\n"
     )

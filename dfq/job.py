@@ -170,6 +170,7 @@ def finish_report(
         "act_ste": q.act_ste,
         "act_equalize": q.act_equalize,
         "act_mse_weight": q.act_mse_weight,
+        "weight_round": q.weight_round,
         "budget": spec.budget.preset or "custom",
         "seed": spec.seed,
         "device": f"{device} ({torch.cuda.get_device_name(device)})"

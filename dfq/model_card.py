@@ -49,6 +49,15 @@ def _switches(spec: JobSpec) -> list[list[Any]]:
             f"rule {q.act_clip} ({q.act_mse_weight} channel weights), STE {q.act_ste}, "
             f"equalised {q.act_equalize}",
         ],
+        [
+            "weight rounding",
+            q.weight_round
+            + (
+                f" ({q.round_iters} steps per layer on {q.round_images} generator images)"
+                if q.weight_round == "adaround"
+                else ""
+            ),
+        ],
         ["generator", m.generator],
         ["KD", f"alpha {m.kd_alpha}, T {m.kd_temperature}, reduction {m.kd_reduction}"],
         ["loss weights", f"G CE {m.g_ce_weight}, BNS {m.bns_weight}, S CE {m.s_ce_weight}"],

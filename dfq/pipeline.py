@@ -27,6 +27,7 @@ from dfq.data import LabelledSet, Preprocess
 from dfq.distill import student_loss
 from dfq.evaluate import predict, top1
 from dfq.quant import quantize, set_calibration
+from dfq.quant.adaround import adaround
 from dfq.quant.bn_ranges import set_ranges_from_bn
 from dfq.spec import JobSpec, same_spec
 from dfq.speed import as_float32, autocast, compile_networks, set_memory_format
@@ -392,4 +393,50 @@ class Pipeline:
         set_calibration(self.student, False)
         set_memory_format(self._networks(), False)  # exports (safetensors) need contiguous NCHW tensors
         compile_networks([self.student, self.generator], False)  # export traces them again, eager
+        if q.weight_round == "adaround" and "rounded" not in self.history:
+            self.round_weights(emit, should_cancel)
+            if checkpoint_path:  # the rounded weights are the result: a resume must not round them again
+                self.save(checkpoint_path)
+                emit(Event("checkpoint", "round", self.step, self.total, self.step // b.iters_per_epoch))
         return self.history
+
+    def round_weights(
+        self, emit: EventCallback, should_cancel: Callable[[], bool] | None = None
+    ) -> dict[str, dict[str, float]]:
+        """``quant.weight_round = "adaround"``: learn every layer's rounding on the generator's images
+        (dfq/quant/adaround.py), once training is over. A cancel between layers leaves the checkpoint of
+        the finished training, so a resume rounds from the start again."""
+        q, b = self.spec.quant, self.spec.budget
+        epoch = self.step // b.iters_per_epoch
+        emit(Event("phase", "round", self.step, self.total, epoch))
+        g = torch.Generator().manual_seed(self.spec.seed + 104729)
+        images = []
+        for n in range(0, q.round_images, b.batch_size):
+            z, y = self.generator.sample_inputs(min(b.batch_size, q.round_images - n), g)
+            c = torch.rand(len(z), 2, generator=g) if self.objective.center_conditioned else None
+            images.append(self.synthesize(z, y, None if c is None else c.to(self.device)))
+        images = torch.cat(images)
+
+        def on_layer(i: int, n: int, name: str, figures: dict[str, float]) -> None:
+            emit(Event("round", "round", self.step, self.total, epoch, {"layer": i, "layers": n, **figures}))
+            if should_cancel is not None and i < n and should_cancel():
+                raise Cancelled(f"cancelled while rounding weights (layer {i}/{n})")
+
+        report = adaround(
+            self.student,
+            self.teacher,
+            images,
+            q.round_iters,
+            seed=self.spec.seed,
+            on_layer=on_layer,
+        )
+        self.history["rounded"] = report
+        result = self.evaluate(b.eval_limit) if b.eval_every else None
+        if result is not None:
+            result["epoch"] = b.epochs
+            result["rounded"] = 1
+            self.history["evals"].append(result)
+            if self.history["best"] is None or result["q_top1"] > self.history["best"]["q_top1"]:
+                self.history["best"] = result
+            emit(Event("eval", "round", self.step, self.total, epoch, dict(result)))
+        return report

@@ -73,6 +73,19 @@ class QuantSpec(_Strict):
         "dfq/quant/consumers.py)",
     )
 
+    weight_round: Literal["nearest", "adaround"] = Field(
+        "nearest",
+        description="how weights meet their grid: nearest (the reference, at every forward) or adaround "
+        "(after training, each layer's floor/ceil choice learnt so its output on the generator's images "
+        "matches the teacher's, AdaRound; dfq/quant/adaround.py)",
+    )
+    round_iters: int = Field(
+        1000, ge=1, le=100_000, description="adaround: optimisation steps per layer (AdaRound: 10k)"
+    )
+    round_images: int = Field(
+        1024, ge=32, le=65_536, description="adaround: generator images the layers are reconstructed on"
+    )
+
     _bits = field_validator("w_bits", "a_bits", "first_layer_bits", "last_layer_bits")(
         classmethod(lambda cls, v: _check_bits(v))
     )

@@ -79,6 +79,30 @@ def sole_consumers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, 
     return found
 
 
+def sole_bn_after(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, nn.Module]:
+    """``{layer name: BatchNorm}`` for every Conv2d/Linear whose output is used by a BatchNorm alone (the
+    BN a folded deployment would merge into it), read off one forward's autograd graph."""
+    names = {m: n for n, m in model.named_modules()}
+    layer_node: dict[str, object] = {}
+    bn_of_node: dict[object, tuple[nn.Module, object]] = {}
+
+    def on_layer(m, inputs, out):
+        layer_node[names[m]] = out.grad_fn
+
+    def on_bn(m, inputs, out):
+        bn_of_node[out.grad_fn] = (m, inputs[0].grad_fn)
+
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            hooks.append(m.register_forward_hook(on_layer))
+        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
+            hooks.append(m.register_forward_hook(on_bn))
+    users = _users(probe_forward(model, input_shape, hooks, grad=True).grad_fn)
+    found = {name: _bn_after(node, users, bn_of_node) for name, node in layer_node.items()}
+    return {name: bn for name, bn in found.items() if bn is not None}
+
+
 def _users(root: object) -> dict[object, list[object]]:
     users: dict[object, list[object]] = {}
     seen, stack = set(), [root]

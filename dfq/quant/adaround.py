@@ -1,0 +1,249 @@
+"""Weight rounding learnt layer by layer on synthetic images (``quant.weight_round = "adaround"``).
+
+Why: rounding every weight to its nearest grid point minimises each weight's own error, not the error of
+the layer's output, and at 4 bits that costs MobileNetV2 about as much as its activations do
+(docs/benchmarks.md "Equalised activation ranges"). AdaRound (Nagel et al. 2020, "Up or Down? Adaptive
+Rounding for Post-Training Quantization") chooses, per weight, floor or ceil so that the layer's output on
+sample inputs is reconstructed, through a continuous relaxation:
+
+    W~ = s * clamp(floor(W / s) + h(V), n, p),   h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)
+    min_V  || f(W x) - f(W~ x~) ||^2  +  lambda * sum_i (1 - |2 h(V_i) - 1|^beta)
+
+with zeta = 1.1, gamma = -0.1, lambda = 0.01 and beta annealed from 20 to 2 after the first 20% of the
+iterations (during which the regulariser is off); V starts where h(V) equals the fractional part, so the
+soft weight starts at W; the hard result rounds up where V >= 0. Constants and schedule are the published
+ones (AdaRound section 4, BRECQ's ``LinearTempDecay``). As AdaRound's asymmetric reconstruction, ``x~`` is
+the layer's input in the quantized network (earlier layers already rounded, activations quantized) and
+``f(W x)`` the float network's output, here the *teacher's* (the quantized student's own float weights
+may carry the rescale of ``quant.act_equalize``, whose ReLU6 clamp differs from the teacher's); the images
+are the generator's, so no real data is used (as Genie and the data-free AdaRound variants do).
+
+dfq choices, each documented in docs/methods.md: the loss is taken after the BN that consumes the layer's
+output (AdaRound folds BN into the weights first, so its loss is post-BN; dfq quantizes unfolded weights
+as GDFQ does and weights each output channel by ``(gamma / sigma)^2`` instead); the weights that are a
+channel's minimum or maximum keep their nearest code, so the per-channel range, which the quantizer
+re-derives from the weights at every forward, and with it the grid, stay exactly as they were. The result
+is written back as float weights that sit on the grid, so export, packing and a resumed job need nothing
+new.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfq.quant.consumers import sole_bn_after
+from dfq.quant.modules import FLOAT_BITS, QuantConv2d, QuantLayer, QuantLinear
+from dfq.quant.quantizer import asymmetric_params, int_range, per_channel_range, per_tensor_range
+
+ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound eq. 23)
+REG_WEIGHT = 0.01  # lambda
+BETA_START, BETA_END, WARMUP = 20.0, 2.0, 0.2
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """h(V): a sigmoid stretched to (gamma, zeta) and clipped to [0, 1], so it reaches 0 and 1 exactly."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """sum (1 - |2h - 1|^beta): zero only where every h is 0 or 1, so it drives each weight to a rounding."""
+    return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+
+def beta_at(step: int, total: int) -> float | None:
+    """The annealed exponent at ``step`` of ``total``; None during the warm-up, when the regulariser is off."""
+    start = WARMUP * total
+    if step < start:
+        return None
+    progress = (step - start) / max(total - start, 1)
+    return BETA_END + (BETA_START - BETA_END) * max(0.0, 1 - progress)
+
+
+@dataclass
+class SoftRounding:
+    """One layer's grid and rounding variables: codes ``floor + h(V)``, except the fixed ones."""
+
+    floor: torch.Tensor  # floor(scale * w - zp), as floats
+    nearest: torch.Tensor  # the nearest code, kept where ``fixed``
+    fixed: torch.Tensor  # bool: a channel's min or max weight (keeps the range) or a clamped code
+    scale: torch.Tensor  # broadcast against the weight
+    zp: torch.Tensor
+    qmin: int
+    qmax: int
+    v: torch.Tensor  # the learnt variable, one per weight
+
+    @classmethod
+    def of(cls, layer: QuantLayer) -> SoftRounding:
+        w = layer.weight.detach()
+        if layer.per_channel:
+            lo, hi = per_channel_range(w)
+            shape = (-1, *([1] * (w.dim() - 1)))
+            extreme = (w == lo.view(shape)) | (w == hi.view(shape))
+        else:
+            lo, hi = per_tensor_range(w)
+            shape = ()
+            extreme = (w == lo) | (w == hi)
+        scale, zp = asymmetric_params(layer.w_bits, lo, hi)
+        scale, zp = scale.reshape(shape), zp.reshape(shape)
+        qmin, qmax = int_range(layer.w_bits)
+        t = scale * w - zp
+        floor = torch.floor(t)
+        nearest = torch.clamp(torch.round(t), qmin, qmax)
+        fixed = extreme | (floor < qmin) | (floor + 1 > qmax)
+        rest = (t - floor).clamp(1e-4, 1 - 1e-4)  # h(V) = rest at the start (AdaRound's initialisation)
+        v = -torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)
+        return cls(floor, nearest, fixed, scale, zp, qmin, qmax, v.requires_grad_(True))
+
+    def codes(self, hard: bool = False) -> torch.Tensor:
+        up = (self.v >= 0).to(self.floor) if hard else rectified_sigmoid(self.v)
+        return torch.where(self.fixed, self.nearest, torch.clamp(self.floor + up, self.qmin, self.qmax))
+
+    def weight(self, hard: bool = False) -> torch.Tensor:
+        return (self.codes(hard) + self.zp) / self.scale
+
+    def h(self) -> torch.Tensor:
+        """h(V) of the weights that are free to round either way (the regulariser's terms)."""
+        return rectified_sigmoid(self.v[~self.fixed])
+
+
+def layer_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if isinstance(layer, QuantConv2d):
+        return layer._conv_forward(x, weight, layer.bias)
+    return F.linear(x, weight, layer.bias)
+
+
+def reconstruct(
+    layer: QuantLayer,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    channel_weight: torch.Tensor | None,
+    iters: int,
+    batch_size: int,
+    lr: float = 1e-3,
+    generator: torch.Generator | None = None,
+) -> dict[str, float]:
+    """Learn ``layer``'s rounding so ``layer(inputs)`` (its quantized input) reproduces ``targets`` (the
+    float network's output), then write the rounded weights back. Returns the output error before
+    (nearest rounding) and after, over all ``inputs``, and the share of weights rounded unlike nearest."""
+    soft = SoftRounding.of(layer)
+    w = channel_weight.view(1, -1, *([1] * (targets.dim() - 2))) if channel_weight is not None else None
+
+    def error(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        sq = (out - tgt).pow(2)
+        return (sq * w if w is not None else sq).sum(1).mean()  # BRECQ's lp_loss: sum over channels
+
+    @torch.no_grad()
+    def full_error(weight: torch.Tensor) -> float:
+        chunks = [
+            error(layer_forward(layer, x, weight), t) * len(x)
+            for x, t in zip(inputs.split(batch_size), targets.split(batch_size), strict=True)
+        ]
+        return float(sum(chunks) / len(inputs))
+
+    before = full_error((soft.nearest + soft.zp) / soft.scale)
+    opt = torch.optim.Adam([soft.v], lr=lr)
+    n = len(inputs)
+    for step in range(iters):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
+        out = layer_forward(layer, inputs[idx], soft.weight())
+        loss = error(out, targets[idx])
+        beta = beta_at(step, iters)
+        if beta is not None:
+            loss = loss + REG_WEIGHT * rounding_regularizer(soft.h(), beta)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        hard = soft.weight(hard=True)
+        after = full_error(hard)
+        changed = float((soft.codes(hard=True) != soft.nearest).float().mean())
+        layer.weight.copy_(hard)
+    return {"err_nearest": before, "err_rounded": after, "changed": changed}
+
+
+class _Stop(Exception):
+    """Raised by a capture hook: the rest of the forward is not needed."""
+
+
+@torch.no_grad()
+def capture(
+    model: nn.Module, module: nn.Module, images: torch.Tensor, batch_size: int, what: str
+) -> torch.Tensor:
+    """``module``'s input (``what="input"``) or output over ``images``, the forward stopped right there."""
+    got: list[torch.Tensor] = []
+
+    def hook(m, inputs, out):
+        got.append((inputs[0] if what == "input" else out).detach().float())
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        for x in images.split(batch_size):
+            with contextlib.suppress(_Stop):
+                model(x)
+    finally:
+        handle.remove()
+    return torch.cat(got)
+
+
+def call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the weight layers in the order one forward calls them (named_modules order need not be)."""
+    names = {m: n for n, m in model.named_modules()}
+    order: list[str] = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: order.append(names[m]))
+        for m in model.modules()
+        if isinstance(m, QuantConv2d | QuantLinear)
+    ]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def adaround(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    iters: int,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    on_layer: Callable[[int, int, str, dict[str, float]], None] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Round every quantized weight layer of ``student`` in call order (module docstring); ``teacher`` is
+    the float model with the same module names. Returns each layer's :func:`reconstruct` figures."""
+    student.eval()
+    teacher.eval()
+    t_modules = dict(teacher.named_modules())
+    s_modules = dict(student.named_modules())
+    bn_after = sole_bn_after(teacher, tuple(images.shape[1:]))
+    names = [
+        n for n in call_order(student, images[:2]) if s_modules[n].w_bits < FLOAT_BITS and n in t_modules
+    ]
+    gen = torch.Generator().manual_seed(seed)
+    report = {}
+    capture_batch = 128
+    for i, name in enumerate(names):
+        layer = s_modules[name]
+        x = capture(student, layer, images, capture_batch, "input")
+        y = capture(teacher, t_modules[name], images, capture_batch, "output")
+        bn = bn_after.get(name)
+        cw = None
+        if bn is not None:
+            s = bn.weight.detach().float().abs() if bn.weight is not None else torch.ones(bn.num_features)
+            cw = (s / torch.sqrt(bn.running_var.detach().float() + bn.eps)).pow(2).to(x.device)
+        with torch.enable_grad():
+            report[name] = reconstruct(layer, x, y, cw, iters, batch_size, lr, gen)
+        if on_layer is not None:
+            on_layer(i + 1, len(names), name, report[name])
+    return report

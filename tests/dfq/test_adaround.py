@@ -1,0 +1,193 @@
+"""``quant.weight_round = "adaround"``: learnt floor/ceil rounding (dfq/quant/adaround.py)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dfq.pipeline import Cancelled, Event, Pipeline
+from dfq.quant import quantize
+from dfq.quant.adaround import (
+    SoftRounding,
+    adaround,
+    beta_at,
+    call_order,
+    capture,
+    reconstruct,
+    rectified_sigmoid,
+    rounding_regularizer,
+)
+from dfq.quant.consumers import sole_bn_after
+from dfq.quant.modules import QuantConv2d, QuantLinear
+from dfq.quant.quantizer import quantize_to_int
+from dfq.spec import JobSpec, QuantSpec
+
+
+def test_rectified_sigmoid_by_hand():
+    # sigmoid(0) = 1/2 -> 1/2 * 1.2 - 0.1 = 0.5; sigmoid(ln 3) = 3/4 -> 0.8; far out it is clipped to 0 / 1
+    got = rectified_sigmoid(torch.tensor([0.0, math.log(3), 20.0, -20.0]))
+    assert got.tolist() == pytest.approx([0.5, 0.8, 1.0, 0.0])
+
+
+def test_regularizer_by_hand():
+    # 1 - |2h - 1|^2 for h = 0, 0.5, 1, 0.25: 0 + 1 + 0 + (1 - 0.25) = 1.75
+    assert float(rounding_regularizer(torch.tensor([0.0, 0.5, 1.0, 0.25]), 2.0)) == pytest.approx(1.75)
+
+
+def test_beta_schedule():
+    # off for the first 20%, then 20 falling linearly to 2 at the end (BRECQ's LinearTempDecay)
+    assert beta_at(19, 100) is None
+    assert beta_at(20, 100) == pytest.approx(20.0)
+    assert beta_at(60, 100) == pytest.approx(11.0)
+    assert beta_at(100, 100) == pytest.approx(2.0)
+
+
+def _layer(bits: int = 4, per_channel: bool = True) -> QuantLinear:
+    torch.manual_seed(0)
+    return QuantLinear.from_float(nn.Linear(16, 6), bits, per_channel)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_soft_rounding_starts_at_the_weight_and_hard_codes_are_floor_or_ceil(per_channel):
+    layer = _layer(per_channel=per_channel)
+    soft = SoftRounding.of(layer)
+    step = 1 / soft.scale.max()
+    # h(V) starts at the fractional part (clamped to [1e-4, 1 - 1e-4]), so a free soft weight is the
+    # weight; the fixed ones (each channel's min and max) sit on their nearest grid point from the start
+    free = ~soft.fixed
+    assert torch.allclose(soft.weight()[free], layer.weight[free], atol=float(step) * 2e-4)
+    assert torch.allclose(soft.weight()[soft.fixed], layer.quantized_weight()[soft.fixed])
+    assert int(soft.fixed.sum()) >= (12 if per_channel else 2)
+    soft.v.data = torch.randn_like(soft.v) * 3
+    hard = soft.codes(hard=True)
+    assert bool(((hard[free] == soft.floor[free]) | (hard[free] == soft.floor[free] + 1)).all())
+    assert torch.equal(hard[soft.fixed], soft.nearest[soft.fixed])  # channel extremes keep nearest
+
+
+def test_reconstruct_beats_nearest_and_keeps_the_grid():
+    """A layer whose inputs are correlated: learnt rounding lowers the output error that nearest rounding
+    leaves, and the written-back weights are grid points the quantizer reproduces (same range, same
+    codes), so the layer quantizes them onto themselves."""
+    layer = _layer(bits=3)
+    torch.manual_seed(1)
+    x = torch.randn(512, 4) @ torch.randn(4, 16)  # rank 4: rounding errors can cancel along 12 directions
+    with torch.no_grad():
+        target = nn.functional.linear(x, layer.weight, layer.bias)
+        nearest_codes = quantize_to_int(layer.weight, 3, *torch.aminmax(layer.weight, dim=1))
+    figures = reconstruct(layer, x, target, None, iters=400, batch_size=64, lr=1e-2)
+    assert figures["err_rounded"] < 0.7 * figures["err_nearest"]
+    assert 0 < figures["changed"] < 0.5
+    lo, hi = torch.aminmax(layer.weight.detach(), dim=1)
+    codes = quantize_to_int(layer.weight.detach(), 3, lo, hi)
+    assert torch.allclose(layer.quantized_weight(), layer.weight, atol=1e-6)
+    assert (codes - nearest_codes).abs().max() <= 1  # each weight moved at most one step from nearest
+    assert (codes != nearest_codes).float().mean() == pytest.approx(figures["changed"])
+
+
+def test_channel_weight_decides_which_channel_is_kept():
+    """With all weight on output channel 0, the learnt rounding serves channel 0 alone: its error falls
+    at least as far as without weights, channel 1's is not its concern."""
+    torch.manual_seed(2)
+    x = torch.randn(256, 4) @ torch.randn(4, 16)
+    errs = {}
+    for name, cw in (("plain", None), ("weighted", torch.tensor([1.0, 0, 0, 0, 0, 0]))):
+        layer = _layer(bits=3)
+        with torch.no_grad():
+            target = nn.functional.linear(x, layer.weight, layer.bias)
+        reconstruct(layer, x, target, cw, iters=400, batch_size=64, lr=1e-2)
+        with torch.no_grad():
+            errs[name] = (layer(x) - target).pow(2).mean(0)
+    assert errs["weighted"][0] <= errs["plain"][0] + 1e-6
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU())
+        self.b = nn.Conv2d(4, 4, 1)  # its output goes to an add, not to a BN
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        return self.fc((self.b(a) + a).mean((2, 3)))
+
+
+def test_sole_bn_after_and_call_order():
+    net = _Net().eval()
+    found = sole_bn_after(net, (3, 8, 8))
+    assert list(found) == ["a.0"] and found["a.0"] is net.a[1]
+    student = quantize(net, QuantSpec(w_bits=4, a_bits=32))
+    assert call_order(student, torch.zeros(1, 3, 8, 8)) == ["a.0", "b", "fc"]
+
+
+def test_capture_returns_the_module_input_and_output():
+    net = _Net().eval()
+    x = torch.randn(10, 3, 8, 8)
+    with torch.no_grad():
+        a = net.a(x)
+    assert torch.allclose(capture(net, net.b, x, 4, "input"), a)
+    assert torch.allclose(capture(net, net.b, x, 4, "output"), net.b(a))
+
+
+def test_adaround_rounds_every_layer_and_lowers_the_network_error():
+    torch.manual_seed(3)
+    net = _Net().eval()
+    with torch.no_grad():  # non-trivial BN statistics
+        net.a[1].running_var.uniform_(0.5, 2.0)
+    student = quantize(net, QuantSpec(w_bits=3, a_bits=32))
+    x = torch.randn(256, 3, 8, 8)
+    with torch.no_grad():
+        before = (student(x) - net(x)).pow(2).mean()
+    seen = []
+    report = adaround(
+        student, net, x, iters=300, lr=1e-2, on_layer=lambda i, n, name, f: seen.append((i, n, name))
+    )
+    assert seen == [(1, 3, "a.0"), (2, 3, "b"), (3, 3, "fc")]
+    assert set(report) == {"a.0", "b", "fc"}
+    with torch.no_grad():
+        after = (student(x) - net(x)).pow(2).mean()
+        for m in student.modules():
+            if isinstance(m, QuantConv2d | QuantLinear):
+                assert torch.allclose(m.quantized_weight(), m.weight, atol=1e-6)
+    assert after < before
+
+
+def _spec(tiny_spec: JobSpec, **quant) -> JobSpec:
+    data = tiny_spec.canonical()
+    data["quant"] |= {"weight_round": "adaround", "round_iters": 5, "round_images": 32, **quant}
+    return JobSpec.model_validate(data)
+
+
+def test_pipeline_rounds_once_after_training_and_a_resume_keeps_it(tiny_teacher, tiny_spec, tmp_path):
+    spec = _spec(tiny_spec)
+    events: list[Event] = []
+    pipe = Pipeline(spec, tiny_teacher, 10, (1, 28, 28))
+    state = tmp_path / "state.pt"
+    pipe.run(events.append, checkpoint_path=state)
+    rounds = [e for e in events if e.kind == "round"]
+    assert len(rounds) == len(pipe.history["rounded"]) == 22  # resnet20: 21 convs + fc
+    assert events[-1].kind == "checkpoint" and events[-1].phase == "round"
+    weights = {k: v.clone() for k, v in pipe.student.state_dict().items()}
+    for m in pipe.student.modules():
+        if isinstance(m, QuantConv2d | QuantLinear):
+            assert torch.allclose(m.quantized_weight(), m.weight, atol=1e-6)
+    again = Pipeline(spec, tiny_teacher, 10, (1, 28, 28))
+    again.load(state)
+    later: list[Event] = []
+    again.run(later.append, checkpoint_path=state)
+    assert not [e for e in later if e.kind == "round"]  # finished and rounded: nothing to do again
+    assert all(torch.equal(v, weights[k]) for k, v in again.student.state_dict().items())
+
+
+def test_pipeline_cancel_while_rounding(tiny_teacher, tiny_spec):
+    pipe = Pipeline(_spec(tiny_spec), tiny_teacher, 10, (1, 28, 28))
+    calls = []
+
+    def cancel_in_rounding() -> bool:
+        calls.append(pipe.step)
+        return pipe.step == pipe.total  # only once training is over
+
+    with pytest.raises(Cancelled, match="rounding weights \\(layer 1/22\\)"):
+        pipe.run(should_cancel=cancel_in_rounding)
+    assert "rounded" not in pipe.history
