@@ -78,6 +78,9 @@ def run_job(
         eval_set = load_eval_set(spec.eval, info.input_shape, spec.eval_limit)
     fdda = spec.method.fdda
     calib = load_eval_set(fdda.calib_set, info.input_shape) if fdda and fdda.centers == "few-shot" else None
+    q = spec.quant
+    real_rounding = q.weight_round == "adaround" and q.round_data != "generator"
+    round_set = load_eval_set(q.round_data, info.input_shape) if real_rounding else None
     pipe = Pipeline(
         spec,
         model,
@@ -88,6 +91,7 @@ def run_job(
         info.preprocess,
         SAMPLES_PER_CLASS,
         calib_set=calib,
+        round_set=round_set,
     )
     state_path = out / STATE_FILE
     resumed_from = None
@@ -161,7 +165,7 @@ def finish_report(
     report: dict[str, Any] = {
         "method": m.preset or "custom",
         "components": m.components,
-        "real_data_used": bool(m.fdda and m.fdda.centers == "few-shot"),
+        "real_data_used": spec.real_data_used,
         "bits": q.label,
         "layers": q.layers_label,
         "kd_reduction": m.kd_reduction,

@@ -61,7 +61,7 @@ def _switches(spec: JobSpec) -> list[list[Any]]:
         ["generator", m.generator],
         ["KD", f"alpha {m.kd_alpha}, T {m.kd_temperature}, reduction {m.kd_reduction}"],
         ["loss weights", f"G CE {m.g_ce_weight}, BNS {m.bns_weight}, S CE {m.s_ce_weight}"],
-        ["real data used", bool(m.fdda and m.fdda.centers == "few-shot")],
+        ["real data used", spec.real_data_used],
         [
             "budget",
             f"{b.preset or 'custom'}: {b.epochs} epochs x {b.iters_per_epoch} iters, batch {b.batch_size}, "

@@ -135,10 +135,12 @@ class Pipeline:
         preprocess: Preprocess | None = None,
         samples_per_class: int = 4,
         calib_set: LabelledSet | None = None,
+        round_set: LabelledSet | None = None,
     ) -> None:
         self.spec, self.device = spec, torch.device(device)
         self.num_classes, self.input_shape = num_classes, tuple(input_shape)
         self.eval_set, self.preprocess = eval_set, preprocess
+        self.round_set = round_set  # real images for quant.round_data; None: the generator's
         seed_everything(spec.seed)
         self.teacher = teacher.to(self.device).eval()
         for p in self.teacher.parameters():
@@ -409,13 +411,7 @@ class Pipeline:
         q, b = self.spec.quant, self.spec.budget
         epoch = self.step // b.iters_per_epoch
         emit(Event("phase", "round", self.step, self.total, epoch))
-        g = torch.Generator().manual_seed(self.spec.seed + 104729)
-        images = []
-        for n in range(0, q.round_images, b.batch_size):
-            z, y = self.generator.sample_inputs(min(b.batch_size, q.round_images - n), g)
-            c = torch.rand(len(z), 2, generator=g) if self.objective.center_conditioned else None
-            images.append(self.synthesize(z, y, None if c is None else c.to(self.device)))
-        images = torch.cat(images)
+        images = self._round_images()
 
         def on_layer(i: int, n: int, name: str, figures: dict[str, float]) -> None:
             emit(Event("round", "round", self.step, self.total, epoch, {"layer": i, "layers": n, **figures}))
@@ -440,3 +436,19 @@ class Pipeline:
                 self.history["best"] = result
             emit(Event("eval", "round", self.step, self.total, epoch, dict(result)))
         return report
+
+    def _round_images(self) -> torch.Tensor:
+        """``quant.round_images`` images to learn the rounding on: the generator's (as training sees them),
+        or a random draw from ``round_set`` in the teacher's input space."""
+        q, b = self.spec.quant, self.spec.budget
+        g = torch.Generator().manual_seed(self.spec.seed + 104729)
+        if self.round_set is not None:
+            pick = torch.randperm(len(self.round_set), generator=g)[: q.round_images]
+            x = self.round_set.images[pick]
+            return (self.preprocess(x) if self.preprocess is not None else x).to(self.device)
+        images = []
+        for n in range(0, q.round_images, b.batch_size):
+            z, y = self.generator.sample_inputs(min(b.batch_size, q.round_images - n), g)
+            c = torch.rand(len(z), 2, generator=g) if self.objective.center_conditioned else None
+            images.append(self.synthesize(z, y, None if c is None else c.to(self.device)))
+        return torch.cat(images)

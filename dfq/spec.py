@@ -83,7 +83,14 @@ class QuantSpec(_Strict):
         1000, ge=1, le=100_000, description="adaround: optimisation steps per layer (AdaRound: 10k)"
     )
     round_images: int = Field(
-        1024, ge=32, le=65_536, description="adaround: generator images the layers are reconstructed on"
+        1024, ge=32, le=65_536, description="adaround: images the layers are reconstructed on"
+    )
+    round_data: str = Field(
+        "generator",
+        min_length=1,
+        description="adaround: where those images come from: generator (data-free, the default) or a set "
+        "of real images as for eval ('fashion-mnist-train', a .npz or an ImageFolder; labels unused). Real "
+        "images make the job no longer data-free, and its report says so (real_data_used)",
     )
 
     _bits = field_validator("w_bits", "a_bits", "first_layer_bits", "last_layer_bits")(
@@ -96,6 +103,10 @@ class QuantSpec(_Strict):
             raise ValueError(
                 "quant.act_mse_weight needs quant.act_clip 'bn-mse': it weights the channels of the "
                 "BN-described activations a bn-mse range is chosen on"
+            )
+        if self.round_data != "generator" and self.weight_round != "adaround":
+            raise ValueError(
+                "quant.round_data needs quant.weight_round 'adaround': only learnt rounding uses images"
             )
         if self.act_equalize != "none":
             if self.act_clip != "bn-mse":
@@ -611,6 +622,15 @@ class JobSpec(_Strict):
     def canonical(self) -> dict[str, Any]:
         """The complete JSON form: every field explicit, so re-validating it gives the same spec."""
         return self.model_dump(mode="json")
+
+    @property
+    def real_data_used(self) -> bool:
+        """Whether real images shape the quantized model: FDDA's few-shot centers, or weight rounding
+        learnt on a real set (``quant.round_data``). Printed with every result."""
+        fdda, q = self.method.fdda, self.quant
+        return bool(fdda and fdda.centers == "few-shot") or (
+            q.weight_round == "adaround" and q.round_data != "generator"
+        )
 
     def summary(self) -> str:
         return f"{self.method.preset or 'custom'} {self.quant.label} ({self.quant.layers_label}) budget={self.budget.preset or 'custom'} seed={self.seed}"

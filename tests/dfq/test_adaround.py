@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from dfq.data import LabelledSet
 from dfq.pipeline import Cancelled, Event, Pipeline
 from dfq.quant import quantize
 from dfq.quant.adaround import (
@@ -191,3 +192,29 @@ def test_pipeline_cancel_while_rounding(tiny_teacher, tiny_spec):
     with pytest.raises(Cancelled, match="rounding weights \\(layer 1/22\\)"):
         pipe.run(should_cancel=cancel_in_rounding)
     assert "rounded" not in pipe.history
+
+
+def test_round_data_needs_adaround_and_marks_real_data():
+    with pytest.raises(ValueError, match=r"round_data needs quant\.weight_round 'adaround'"):
+        QuantSpec(round_data="fashion-mnist-train")
+    generator = JobSpec.model_validate({"quant": {"weight_round": "adaround"}})
+    real = JobSpec.model_validate(
+        {"quant": {"weight_round": "adaround", "round_data": "fashion-mnist-train"}}
+    )
+    assert not generator.real_data_used and real.real_data_used
+    fewshot = JobSpec.model_validate({"method": "fdda-fewshot"})
+    assert fewshot.real_data_used
+
+
+def test_round_images_come_from_the_real_set_when_given(tiny_teacher, tiny_spec):
+    spec = _spec(tiny_spec, round_data="some-set", round_images=40)
+    torch.manual_seed(4)
+    real = LabelledSet(torch.rand(100, 1, 28, 28), torch.zeros(100, dtype=torch.long), "some-set")
+    pipe = Pipeline(spec, tiny_teacher, 10, (1, 28, 28), round_set=real)
+    images = pipe._round_images()
+    assert images.shape == (40, 1, 28, 28)
+    flat = real.images.reshape(100, -1)
+    assert all(bool((flat == x.reshape(1, -1)).all(1).any()) for x in images)  # each one of the set's
+    assert len({tuple(x.reshape(-1)[:4].tolist()) for x in images}) == 40  # drawn without replacement
+    generated = Pipeline(spec, tiny_teacher, 10, (1, 28, 28))._round_images()
+    assert not any(bool((flat == x.reshape(1, -1)).all(1).any()) for x in generated)
