@@ -405,8 +405,8 @@ class Pipeline:
     def round_weights(
         self, emit: EventCallback, should_cancel: Callable[[], bool] | None = None
     ) -> dict[str, dict[str, float]]:
-        """``quant.weight_round = "adaround"``: learn every layer's rounding on the generator's images
-        (dfq/quant/adaround.py), once training is over. A cancel between layers leaves the checkpoint of
+        """``quant.weight_round = "adaround"``: learn every layer's rounding on the generator's images, or
+        ``quant.round_data``'s real ones (dfq/quant/adaround.py), once training is over. A cancel between layers leaves the checkpoint of
         the finished training, so a resume rounds from the start again."""
         q, b = self.spec.quant, self.spec.budget
         epoch = self.step // b.iters_per_epoch
