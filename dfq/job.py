@@ -78,9 +78,8 @@ def run_job(
         eval_set = load_eval_set(spec.eval, info.input_shape, spec.eval_limit)
     fdda = spec.method.fdda
     calib = load_eval_set(fdda.calib_set, info.input_shape) if fdda and fdda.centers == "few-shot" else None
-    q = spec.quant
-    real_rounding = q.weight_round == "adaround" and q.round_data != "generator"
-    round_set = load_eval_set(q.round_data, info.input_shape) if real_rounding else None
+    round_ref = spec.quant.round_set
+    round_set = load_eval_set(round_ref, info.input_shape) if round_ref is not None else None
     pipe = Pipeline(
         spec,
         model,

@@ -53,7 +53,7 @@ def _switches(spec: JobSpec) -> list[list[Any]]:
             "weight rounding",
             q.weight_round
             + (
-                f" ({q.round_iters} steps per layer on {q.round_images} generator images)"
+                f" ({q.round_iters} steps per layer on {q.round_images} images from {q.round_data})"
                 if q.weight_round == "adaround"
                 else ""
             ),

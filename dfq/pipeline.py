@@ -381,14 +381,7 @@ class Pipeline:
                     self.sched_s.step()
                 done_epochs = self.step // b.iters_per_epoch
                 if b.eval_every and (done_epochs % b.eval_every == 0 or self.step == self.total):
-                    result = self.evaluate(b.eval_limit)
-                    if result is not None:
-                        result["epoch"] = done_epochs
-                        self.history["evals"].append(result)
-                        best = self.history["best"]
-                        if best is None or result["q_top1"] > best["q_top1"]:
-                            self.history["best"] = result
-                        emit(Event("eval", phase, self.step, self.total, epoch, dict(result)))
+                    self._record_eval(emit, phase, epoch, {"epoch": done_epochs})
             if checkpoint_path and (self.step % b.checkpoint_every == 0 or self.step == self.total):
                 self.save(checkpoint_path)
                 emit(Event("checkpoint", phase, self.step, self.total, epoch))
@@ -406,8 +399,8 @@ class Pipeline:
         self, emit: EventCallback, should_cancel: Callable[[], bool] | None = None
     ) -> dict[str, dict[str, float]]:
         """``quant.weight_round = "adaround"``: learn every layer's rounding on the generator's images, or
-        ``quant.round_data``'s real ones (dfq/quant/adaround.py), once training is over. A cancel between layers leaves the checkpoint of
-        the finished training, so a resume rounds from the start again."""
+        ``quant.round_data``'s real ones (dfq/quant/adaround.py), once training is over. A cancel between
+        layers leaves the checkpoint of the finished training, so a resume rounds from the start again."""
         q, b = self.spec.quant, self.spec.budget
         epoch = self.step // b.iters_per_epoch
         emit(Event("phase", "round", self.step, self.total, epoch))
@@ -427,15 +420,22 @@ class Pipeline:
             on_layer=on_layer,
         )
         self.history["rounded"] = report
-        result = self.evaluate(b.eval_limit) if b.eval_every else None
-        if result is not None:
-            result["epoch"] = b.epochs
-            result["rounded"] = 1
-            self.history["evals"].append(result)
-            if self.history["best"] is None or result["q_top1"] > self.history["best"]["q_top1"]:
-                self.history["best"] = result
-            emit(Event("eval", "round", self.step, self.total, epoch, dict(result)))
+        if b.eval_every:
+            self._record_eval(emit, "round", epoch, {"epoch": b.epochs, "rounded": 1})
         return report
+
+    def _record_eval(self, emit: EventCallback, phase: str, epoch: int, tags: dict[str, int]) -> None:
+        """Evaluate on the labelled slice (if any), keep the result (and the best so far) in the history
+        with ``tags``, and emit it."""
+        result = self.evaluate(self.spec.budget.eval_limit)
+        if result is None:
+            return
+        result.update(tags)
+        self.history["evals"].append(result)
+        best = self.history["best"]
+        if best is None or result["q_top1"] > best["q_top1"]:
+            self.history["best"] = result
+        emit(Event("eval", phase, self.step, self.total, epoch, dict(result)))
 
     def _round_images(self) -> torch.Tensor:
         """``quant.round_images`` images to learn the rounding on: the generator's (as training sees them),

@@ -122,6 +122,12 @@ class QuantSpec(_Strict):
         return self
 
     @property
+    def round_set(self) -> str | None:
+        """The real set the rounding learns on (``round_data``), or None: the generator's images, or no
+        learnt rounding at all."""
+        return self.round_data if self.weight_round == "adaround" and self.round_data != "generator" else None
+
+    @property
     def label(self) -> str:
         s = f"W{self.w_bits}A{self.a_bits}"
         if self.first_layer_bits is not None or self.last_layer_bits is not None:
@@ -627,10 +633,8 @@ class JobSpec(_Strict):
     def real_data_used(self) -> bool:
         """Whether real images shape the quantized model: FDDA's few-shot centers, or weight rounding
         learnt on a real set (``quant.round_data``). Printed with every result."""
-        fdda, q = self.method.fdda, self.quant
-        return bool(fdda and fdda.centers == "few-shot") or (
-            q.weight_round == "adaround" and q.round_data != "generator"
-        )
+        fdda = self.method.fdda
+        return bool(fdda and fdda.centers == "few-shot") or self.quant.round_set is not None
 
     def summary(self) -> str:
         return f"{self.method.preset or 'custom'} {self.quant.label} ({self.quant.layers_label}) budget={self.budget.preset or 'custom'} seed={self.seed}"

@@ -37,8 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfq.quant.consumers import sole_bn_after
+from dfq.quant.consumers import bn_scale, sole_bn_after
 from dfq.quant.modules import FLOAT_BITS, QuantConv2d, QuantLayer, QuantLinear
+from dfq.quant.probe import probe_forward
 from dfq.quant.quantizer import asymmetric_params, int_range, per_channel_range, per_tensor_range
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound eq. 23)
@@ -192,7 +193,7 @@ def capture(
     return torch.cat(got)
 
 
-def call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+def call_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
     """Names of the weight layers in the order one forward calls them (named_modules order need not be)."""
     names = {m: n for n, m in model.named_modules()}
     order: list[str] = []
@@ -201,12 +202,7 @@ def call_order(model: nn.Module, example: torch.Tensor) -> list[str]:
         for m in model.modules()
         if isinstance(m, QuantConv2d | QuantLinear)
     ]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    probe_forward(model, input_shape, hooks)
     return list(dict.fromkeys(order))
 
 
@@ -226,10 +222,9 @@ def adaround(
     teacher.eval()
     t_modules = dict(teacher.named_modules())
     s_modules = dict(student.named_modules())
-    bn_after = sole_bn_after(teacher, tuple(images.shape[1:]))
-    names = [
-        n for n in call_order(student, images[:2]) if s_modules[n].w_bits < FLOAT_BITS and n in t_modules
-    ]
+    shape = tuple(images.shape[1:])
+    bn_after = sole_bn_after(teacher, shape)
+    names = [n for n in call_order(student, shape) if s_modules[n].w_bits < FLOAT_BITS and n in t_modules]
     gen = torch.Generator().manual_seed(seed)
     report = {}
     capture_batch = 128
@@ -238,10 +233,7 @@ def adaround(
         x = capture(student, layer, images, capture_batch, "input")
         y = capture(teacher, t_modules[name], images, capture_batch, "output")
         bn = bn_after.get(name)
-        cw = None
-        if bn is not None:
-            s = bn.weight.detach().float().abs() if bn.weight is not None else torch.ones(bn.num_features)
-            cw = (s / torch.sqrt(bn.running_var.detach().float() + bn.eps)).pow(2).to(x.device)
+        cw = bn_scale(bn).pow(2).to(x.device) if bn is not None else None
         with torch.enable_grad():
             report[name] = reconstruct(layer, x, y, cw, iters, batch_size, lr, gen)
         if on_layer is not None:

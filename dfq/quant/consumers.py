@@ -36,30 +36,14 @@ def sole_consumers(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, 
     graph of one forward of a zero batch (``probe_forward``)."""
     q_node: dict[str, object] = {}
     q_calls: dict[str, int] = {}
-    layer_of_node: dict[object, tuple[nn.Module, object]] = {}  # output node -> (layer, input's node)
-    bn_of_node: dict[object, tuple[nn.Module, object]] = {}
     names = {m: n for n, m in model.named_modules()}
 
     def on_quant(m, inputs, out):
         q_node[names[m]] = out.grad_fn
         q_calls[names[m]] = q_calls.get(names[m], 0) + 1
 
-    def on_layer(m, inputs, out):
-        layer_of_node[out.grad_fn] = (m, inputs[0].grad_fn)
-
-    def on_bn(m, inputs, out):
-        bn_of_node[out.grad_fn] = (m, inputs[0].grad_fn)
-
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, ActQuant):
-            hooks.append(m.register_forward_hook(on_quant))
-        elif isinstance(m, nn.Conv2d | nn.Linear):
-            hooks.append(m.register_forward_hook(on_layer))
-        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-            hooks.append(m.register_forward_hook(on_bn))
-    out = probe_forward(model, input_shape, hooks, grad=True)
-    users = _users(out.grad_fn)
+    quant_hooks = [m.register_forward_hook(on_quant) for m in model.modules() if isinstance(m, ActQuant)]
+    layer_of_node, bn_of_node, users = _trace(model, input_shape, quant_hooks)
     found = {}
     for name, node in q_node.items():
         if q_calls[name] != 1:
@@ -83,24 +67,43 @@ def sole_bn_after(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, n
     """``{layer name: BatchNorm}`` for every Conv2d/Linear whose output is used by a BatchNorm alone (the
     BN a folded deployment would merge into it), read off one forward's autograd graph."""
     names = {m: n for n, m in model.named_modules()}
-    layer_node: dict[str, object] = {}
-    bn_of_node: dict[object, tuple[nn.Module, object]] = {}
+    layer_of_node, bn_of_node, users = _trace(model, input_shape)
+    found = {names[m]: _bn_after(node, users, bn_of_node) for node, (m, _) in layer_of_node.items()}
+    return {name: bn for name, bn in found.items() if bn is not None}
+
+
+Nodes = dict[object, tuple[nn.Module, object]]  # output node -> (module, its input's node)
+
+
+def _trace(
+    model: nn.Module, input_shape: tuple[int, ...], hooks: list | None = None
+) -> tuple[Nodes, Nodes, dict[object, list[object]]]:
+    """One graph-recording forward (``probe_forward``, which also removes ``hooks``, the caller's own):
+    the output nodes of every Conv2d/Linear and BatchNorm call, and each node's users."""
+    layer_of_node: Nodes = {}
+    bn_of_node: Nodes = {}
 
     def on_layer(m, inputs, out):
-        layer_node[names[m]] = out.grad_fn
+        layer_of_node[out.grad_fn] = (m, inputs[0].grad_fn)
 
     def on_bn(m, inputs, out):
         bn_of_node[out.grad_fn] = (m, inputs[0].grad_fn)
 
-    hooks = []
+    hooks = list(hooks or [])
     for m in model.modules():
         if isinstance(m, nn.Conv2d | nn.Linear):
             hooks.append(m.register_forward_hook(on_layer))
         elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
             hooks.append(m.register_forward_hook(on_bn))
-    users = _users(probe_forward(model, input_shape, hooks, grad=True).grad_fn)
-    found = {name: _bn_after(node, users, bn_of_node) for name, node in layer_node.items()}
-    return {name: bn for name, bn in found.items() if bn is not None}
+    out = probe_forward(model, input_shape, hooks, grad=True)
+    return layer_of_node, bn_of_node, _users(out.grad_fn)
+
+
+def bn_scale(bn: nn.Module) -> torch.Tensor:
+    """``|gamma| / sqrt(var + eps)`` per channel (gamma taken as 1 where the BN has no affine): how much a
+    unit of error before the BN weighs after it."""
+    s = bn.weight.detach().float().abs() if bn.weight is not None else torch.ones(bn.num_features)
+    return s.to(bn.running_var.device) / torch.sqrt(bn.running_var.detach().float() + bn.eps)
 
 
 def _users(root: object) -> dict[object, list[object]]:
@@ -134,9 +137,7 @@ def channel_weights(consumer: Consumer, channels: int) -> torch.Tensor | None:
     layer, bn = consumer.layer, consumer.bn
     w = layer.weight.detach().float()
     if bn is not None:
-        s = bn.weight.detach().float().abs() if bn.weight is not None else torch.ones(w.shape[0])
-        s = s / torch.sqrt(bn.running_var.detach().float() + bn.eps)
-        w = w * s.to(w.device).view(-1, *([1] * (w.dim() - 1)))
+        w = w * bn_scale(bn).to(w.device).view(-1, *([1] * (w.dim() - 1)))
     groups = getattr(layer, "groups", 1)
     if groups == 1:
         per_in = w.pow(2).transpose(0, 1).reshape(w.shape[1], -1).sum(1)

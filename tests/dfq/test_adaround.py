@@ -124,7 +124,7 @@ def test_sole_bn_after_and_call_order():
     found = sole_bn_after(net, (3, 8, 8))
     assert list(found) == ["a.0"] and found["a.0"] is net.a[1]
     student = quantize(net, QuantSpec(w_bits=4, a_bits=32))
-    assert call_order(student, torch.zeros(1, 3, 8, 8)) == ["a.0", "b", "fc"]
+    assert call_order(student, (3, 8, 8)) == ["a.0", "b", "fc"]
 
 
 def test_capture_returns_the_module_input_and_output():
@@ -223,3 +223,19 @@ def test_round_images_come_from_the_real_set_when_given(tiny_teacher, tiny_spec)
     assert len({tuple(x.reshape(-1)[:4].tolist()) for x in images}) == 40  # drawn without replacement
     generated = Pipeline(spec, tiny_teacher, 10, (1, 28, 28))._round_images()
     assert not any(bool((flat == x.reshape(1, -1)).all(1).any()) for x in generated)
+
+
+def test_model_card_names_where_the_rounding_images_came_from():
+    from dfq.model_card import _switches
+
+    def row(quant: dict) -> str:
+        rows = dict((k, v) for k, v in _switches(JobSpec.model_validate({"quant": quant})))
+        return f"{rows['weight rounding']} | real data used: {rows['real data used']}"
+
+    assert row({}) == "nearest | real data used: False"
+    assert row({"weight_round": "adaround"}) == (
+        "adaround (1000 steps per layer on 1024 images from generator) | real data used: False"
+    )
+    assert row({"weight_round": "adaround", "round_data": "fashion-mnist-train"}) == (
+        "adaround (1000 steps per layer on 1024 images from fashion-mnist-train) | real data used: True"
+    )
