@@ -291,7 +291,8 @@ def markdown(rows: list[dict], budget: str) -> str:
         f"\nBudget `{budget}`, seeds {seeds} (mean ± sample std where n > 1), KD reduction `{rows[0]['kd_reduction'] if rows else ''}`, "
         f"activation ranges `{rows[0]['act_range'] if rows else ''}` / `{rows[0]['act_clip'] if rows else ''}` / STE `{rows[0]['act_ste'] if rows else ''}` / equalised `{rows[0]['act_equalize'] if rows else ''}` / channel weights `{rows[0]['act_mse_weight'] if rows else ''}` / weight rounding `{rows[0]['weight_round'] if rows else ''}`. Final-epoch top-1 on the full Fashion-MNIST test set (10,000 images).\n"
         f"*Best epoch: the best of the per-epoch evaluations on the first {rows[0]['best_epoch_n_eval'] if rows else '?'} test images "
-        "(test-set model selection, as the reference repositories report; not the headline).\n"
+        "(and of the one after learnt rounding, where there is one; "
+        "test-set model selection, as the reference repositories report; not the headline).\n"
     )
     return head + "\n".join(lines) + "\n" + foot
 

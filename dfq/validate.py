@@ -9,6 +9,7 @@ from torch import nn
 
 from dfq.attention import spatial_stages
 from dfq.models.checkpoint import require_batchnorm
+from dfq.quant.adaround import MAX_CAPTURE_BYTES, capture_bytes
 from dfq.spec import JobSpec
 
 
@@ -50,3 +51,13 @@ def validate_for_teacher(
             )
     if m.lrq and m.lrq.ama and not any(isinstance(x, nn.Linear) for x in model.modules()):
         raise SpecError("method.lrq.ama", "the teacher has no final Linear layer to take class centers from")
+    q = spec.quant
+    if q.weight_round == "adaround":
+        need, layer = capture_bytes(model, input_shape, q.round_images)
+        if need > MAX_CAPTURE_BYTES:
+            raise SpecError(
+                "quant.round_images",
+                f"{q.round_images} images make layer {layer!r}'s captured inputs and outputs {need / 2**30:.1f} GiB, "
+                f"over the {MAX_CAPTURE_BYTES / 2**30:.0f} GiB adaround holds; use at most "
+                f"{q.round_images * MAX_CAPTURE_BYTES // need} images",
+            )

@@ -193,6 +193,28 @@ def capture(
     return torch.cat(got)
 
 
+# The captured inputs and targets of one layer are held whole (float32) while it is reconstructed: a cap, so
+# a spec that would exhaust the worker's memory fails at submission, not hours in.
+MAX_CAPTURE_BYTES = 8 * 2**30
+
+
+def capture_bytes(model: nn.Module, input_shape: tuple[int, ...], images: int) -> tuple[int, str]:
+    """The largest input-plus-output capture :func:`adaround` holds for one layer over ``images`` images,
+    and that layer's name (shapes from one probe forward)."""
+    names = {m: n for n, m in model.named_modules()}
+    sizes: dict[str, int] = {}
+
+    def hook(m, inputs, out):
+        sizes[names[m]] = max(sizes.get(names[m], 0), (inputs[0][0].numel() + out[0].numel()) * 4)
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    probe_forward(model, input_shape, hooks)
+    if not sizes:
+        return 0, ""
+    name = max(sizes, key=sizes.get)
+    return sizes[name] * images, name
+
+
 def call_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
     """Names of the weight layers in the order one forward calls them (named_modules order need not be)."""
     names = {m: n for n, m in model.named_modules()}

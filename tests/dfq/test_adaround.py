@@ -15,6 +15,7 @@ from dfq.quant.adaround import (
     beta_at,
     call_order,
     capture,
+    capture_bytes,
     reconstruct,
     rectified_sigmoid,
     rounding_regularizer,
@@ -23,6 +24,7 @@ from dfq.quant.consumers import sole_bn_after
 from dfq.quant.modules import QuantConv2d, QuantLinear
 from dfq.quant.quantizer import quantize_to_int
 from dfq.spec import JobSpec, QuantSpec
+from dfq.validate import SpecError, validate_for_teacher
 
 
 def test_rectified_sigmoid_by_hand():
@@ -209,6 +211,23 @@ def test_round_data_needs_adaround_and_marks_real_data():
     assert not generator.real_data_used and real.real_data_used
     fewshot = JobSpec.model_validate({"method": "fdda-fewshot"})
     assert fewshot.real_data_used
+
+
+def test_capture_bytes_is_the_largest_layer_input_plus_output():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(256, 10))
+    # conv: 1x8x8 in + 4x8x8 out = 320 floats; linear: 256 + 10; float32, 100 images
+    assert capture_bytes(model, (1, 8, 8), 100) == (320 * 4 * 100, "0")
+
+
+def test_validation_refuses_a_rounding_capture_over_the_cap(tiny_teacher):
+    # resnet20's 16-channel stage at 64x64: (16 + 16) * 64 * 64 * 4 bytes an image, 16 GiB for 32768 images
+    big = JobSpec.model_validate({"quant": {"weight_round": "adaround", "round_images": 32768}})
+    with pytest.raises(SpecError, match=r"16\.0 GiB, over the 8 GiB adaround holds; use at most 16384") as e:
+        validate_for_teacher(big, tiny_teacher, (1, 64, 64), 10)
+    assert e.value.field == "quant.round_images"
+    validate_for_teacher(big, tiny_teacher, (1, 28, 28), 10)  # 3.1 GiB: fits
+    nearest = JobSpec.model_validate({"quant": {"round_images": 32768}})
+    validate_for_teacher(nearest, tiny_teacher, (1, 64, 64), 10)  # no rounding, nothing captured
 
 
 def test_round_images_come_from_the_real_set_when_given(tiny_teacher, tiny_spec):
