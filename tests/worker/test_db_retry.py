@@ -17,7 +17,7 @@ from worker.db import session_scope
 from worker.events import Publisher
 from worker.models import Checkpoint, Job, JobLog, MetricPoint, User
 from worker.progress import JobReporter
-from worker.retry import RetryPolicy, is_transient, with_retry
+from worker.retry import DEFAULT_POLICY, RetryPolicy, is_transient, with_retry
 
 
 @pytest.fixture
@@ -48,6 +48,14 @@ def _running_job(url: str) -> tuple[str, int]:
         return job.id, user.id
 
 
+def _reporter(
+    url: str, job_id: str, owner: int, tmp_path, retry: RetryPolicy = DEFAULT_POLICY
+) -> JobReporter:
+    return JobReporter(
+        url, job_id, "tok", owner, Publisher(None), tmp_path, progress_interval_s=0, retry=retry
+    )
+
+
 def step(n: int) -> Event:
     return Event("step", "warmup", n, 20, 0, {"g_loss": 1.0 / n})
 
@@ -55,10 +63,9 @@ def step(n: int) -> Event:
 def test_progress_writes_ride_out_a_postgres_outage(pg, tmp_path):
     direct, proxy, via_proxy = pg
     job_id, owner = _running_job(direct)
-    reporter = JobReporter(
-        via_proxy, job_id, "tok", owner, Publisher(None), tmp_path, progress_interval_s=0,
-        retry=RetryPolicy(attempts=30, base_delay_s=0.1, max_delay_s=0.5),
-    )  # fmt: skip
+    reporter = _reporter(
+        via_proxy, job_id, owner, tmp_path, RetryPolicy(attempts=30, base_delay_s=0.1, max_delay_s=0.5)
+    )
     for n in range(1, 6):
         reporter.on_event(step(n))
     proxy.cut()  # the database "restarts": open connections die, new ones are refused
@@ -84,10 +91,9 @@ def test_progress_writes_ride_out_a_postgres_outage(pg, tmp_path):
 def test_an_outage_longer_than_the_retry_budget_fails_loudly(pg, tmp_path):
     direct, proxy, via_proxy = pg
     job_id, owner = _running_job(direct)
-    reporter = JobReporter(
-        via_proxy, job_id, "tok", owner, Publisher(None), tmp_path, progress_interval_s=0,
-        retry=RetryPolicy(attempts=3, base_delay_s=0.05, max_delay_s=0.1),
-    )  # fmt: skip
+    reporter = _reporter(
+        via_proxy, job_id, owner, tmp_path, RetryPolicy(attempts=3, base_delay_s=0.05, max_delay_s=0.1)
+    )
     reporter.on_event(step(1))
     proxy.cut()
     with pytest.raises(OperationalError):
@@ -129,7 +135,7 @@ def test_a_retried_write_keeps_each_log_line_once_on_postgres(pg, tmp_path, monk
     # timestamp written reads back equal on PostgreSQL, as the SQLite unit test cannot.
     direct, _, _ = pg
     job_id, owner = _running_job(direct)
-    reporter = JobReporter(direct, job_id, "tok", owner, Publisher(None), tmp_path, progress_interval_s=0)
+    reporter = _reporter(direct, job_id, owner, tmp_path)
     failed = ack_lost_once(monkeypatch, JobLog)
     reporter.log("one line")
     reporter.log("another line")
@@ -145,7 +151,7 @@ def test_a_retried_final_write_whose_commit_landed_finishes_the_job_on_postgres(
     # PostgreSQL's timestamp type, as the SQLite unit test cannot
     direct, _, _ = pg
     job_id, owner = _running_job(direct)
-    reporter = JobReporter(direct, job_id, "tok", owner, Publisher(None), tmp_path, progress_interval_s=0)
+    reporter = _reporter(direct, job_id, owner, tmp_path)
     failed = ack_lost_once(monkeypatch, JobLog)
     reporter.finish("done", report={"q_top1": 1.0})  # raised LostOwnership before
     assert failed
