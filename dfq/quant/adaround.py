@@ -194,7 +194,7 @@ def capture(
 
 
 # The captured inputs and targets of one layer are held whole (float32) while it is reconstructed: a cap, so
-# a spec that would exhaust the worker's memory fails at submission, not hours in.
+# a spec that would exhaust the worker's memory fails as the job starts (dfq/validate.py), not after training.
 MAX_CAPTURE_BYTES = 8 * 2**30
 
 
