@@ -198,34 +198,36 @@ def capture(
 MAX_CAPTURE_BYTES = 8 * 2**30
 
 
-def capture_bytes(model: nn.Module, input_shape: tuple[int, ...], images: int) -> tuple[int, str]:
-    """The largest input-plus-output capture :func:`adaround` holds for one layer over ``images`` images,
-    and that layer's name (shapes from one probe forward)."""
+def _layer_calls(
+    model: nn.Module, input_shape: tuple[int, ...], kinds: tuple[type, ...]
+) -> list[tuple[str, int]]:
+    """``(name, input plus output elements per image)`` of every call to a ``kinds`` module in one probe
+    forward, in call order."""
     names = {m: n for n, m in model.named_modules()}
-    sizes: dict[str, int] = {}
+    calls: list[tuple[str, int]] = []
 
     def hook(m, inputs, out):
-        sizes[names[m]] = max(sizes.get(names[m], 0), (inputs[0][0].numel() + out[0].numel()) * 4)
+        calls.append((names[m], inputs[0][0].numel() + out[0].numel()))
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    probe_forward(model, input_shape, hooks)
-    if not sizes:
+    probe_forward(
+        model, input_shape, [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    )
+    return calls
+
+
+def capture_bytes(model: nn.Module, input_shape: tuple[int, ...], images: int) -> tuple[int, str]:
+    """The largest input-plus-output capture :func:`adaround` holds for one layer over ``images`` images
+    (float32), and that layer's name."""
+    calls = _layer_calls(model, input_shape, (nn.Conv2d, nn.Linear))
+    if not calls:
         return 0, ""
-    name = max(sizes, key=sizes.get)
-    return sizes[name] * images, name
+    name, elements = max(calls, key=lambda c: c[1])
+    return elements * 4 * images, name
 
 
 def call_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
     """Names of the weight layers in the order one forward calls them (named_modules order need not be)."""
-    names = {m: n for n, m in model.named_modules()}
-    order: list[str] = []
-    hooks = [
-        m.register_forward_hook(lambda m, i, o: order.append(names[m]))
-        for m in model.modules()
-        if isinstance(m, QuantConv2d | QuantLinear)
-    ]
-    probe_forward(model, input_shape, hooks)
-    return list(dict.fromkeys(order))
+    return list(dict.fromkeys(n for n, _ in _layer_calls(model, input_shape, (QuantConv2d, QuantLinear))))
 
 
 def adaround(
