@@ -29,6 +29,7 @@ from dfq.evaluate import predict, top1
 from dfq.quant import quantize, set_calibration
 from dfq.quant.adaround import adaround
 from dfq.quant.bn_ranges import set_ranges_from_bn
+from dfq.quant.squant import squant
 from dfq.spec import JobSpec, same_spec
 from dfq.speed import as_float32, autocast, compile_networks, set_memory_format
 from dfq.synth.bn_stats import bn_layers
@@ -388,7 +389,7 @@ class Pipeline:
         set_calibration(self.student, False)
         set_memory_format(self._networks(), False)  # exports (safetensors) need contiguous NCHW tensors
         compile_networks([self.student, self.generator], False)  # export traces them again, eager
-        if q.weight_round == "adaround" and "rounded" not in self.history:
+        if q.weight_round != "nearest" and "rounded" not in self.history:
             self.round_weights(emit, should_cancel)
             if checkpoint_path:  # the rounded weights are the result: a resume must not round them again
                 self.save(checkpoint_path)
@@ -398,27 +399,36 @@ class Pipeline:
     def round_weights(
         self, emit: EventCallback, should_cancel: Callable[[], bool] | None = None
     ) -> dict[str, dict[str, float]]:
-        """``quant.weight_round = "adaround"``: learn every layer's rounding on the generator's images, or
-        ``quant.round_data``'s real ones (dfq/quant/adaround.py), once training is over. A cancel between
-        layers leaves the checkpoint of the finished training, so a resume rounds from the start again."""
+        """``quant.weight_round``, once training is over: ``adaround`` learns every layer's rounding on the
+        generator's images, or ``quant.round_data``'s real ones (dfq/quant/adaround.py); ``squant`` flips
+        roundings so kernel and channel error sums stay within half a step, without images
+        (dfq/quant/squant.py). A cancel between adaround's layers leaves the checkpoint of the finished
+        training, so a resume rounds from the start again."""
         q, b = self.spec.quant, self.spec.budget
         epoch = self.step // b.iters_per_epoch
         emit(Event("phase", "round", self.step, self.total, epoch))
-        images = self._round_images()
+
+        def layer_done(i: int, n: int, figures: dict[str, float]) -> None:
+            emit(Event("round", "round", self.step, self.total, epoch, {"layer": i, "layers": n, **figures}))
 
         def on_layer(i: int, n: int, name: str, figures: dict[str, float]) -> None:
-            emit(Event("round", "round", self.step, self.total, epoch, {"layer": i, "layers": n, **figures}))
+            layer_done(i, n, figures)
             if should_cancel is not None and i < n and should_cancel():
                 raise Cancelled(f"cancelled while rounding weights (layer {i}/{n})")
 
-        report = adaround(
-            self.student,
-            self.teacher,
-            images,
-            q.round_iters,
-            seed=self.spec.seed,
-            on_layer=on_layer,
-        )
+        if q.weight_round == "squant":
+            report = squant(self.student)
+            for i, figures in enumerate(report.values(), 1):
+                layer_done(i, len(report), figures)
+        else:
+            report = adaround(
+                self.student,
+                self.teacher,
+                self._round_images(),
+                q.round_iters,
+                seed=self.spec.seed,
+                on_layer=on_layer,
+            )
         self.history["rounded"] = report
         if b.eval_every:
             self._record_eval(emit, "round", epoch, {"epoch": b.epochs, "rounded": 1})

@@ -73,11 +73,13 @@ class QuantSpec(_Strict):
         "dfq/quant/consumers.py)",
     )
 
-    weight_round: Literal["nearest", "adaround"] = Field(
+    weight_round: Literal["nearest", "adaround", "squant"] = Field(
         "nearest",
-        description="how weights meet their grid: nearest (the reference, at every forward) or adaround "
+        description="how weights meet their grid: nearest (the reference, at every forward), adaround "
         "(after training, each layer's floor/ceil choice learnt so its output on the generator's images "
-        "matches the teacher's, AdaRound; dfq/quant/adaround.py)",
+        "matches the teacher's, AdaRound; dfq/quant/adaround.py) or squant (after training, without "
+        "images: roundings flipped so every kernel's and output channel's error sum stays within half a "
+        "step, SQuant; dfq/quant/squant.py)",
     )
     round_iters: int = Field(
         1000, ge=1, le=100_000, description="adaround: optimisation steps per layer (AdaRound: 10k)"
