@@ -62,12 +62,18 @@ def _level(
 
 
 def squant_codes(
-    t: torch.Tensor, movable_up: torch.Tensor, movable_down: torch.Tensor, levels: str = "kc"
+    t: torch.Tensor,
+    movable_up: torch.Tensor,
+    movable_down: torch.Tensor,
+    levels: str = "kc",
+    grid: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """SQuant's codes for real-valued codes ``t`` shaped (out, in, k): nearest rounding, then the kernel
-    level (when ``k > 1``) and the channel level. ``movable_up``/``movable_down`` say which weights may take
-    the code above/below nearest (not a range-setting weight, not off the grid)."""
-    q = torch.round(t)
+    """SQuant's codes for real-valued codes ``t`` shaped (out, in, k): nearest rounding (clamped to
+    ``grid``, as the quantizer clamps), then the kernel level (when ``k > 1``) and the channel level;
+    ``levels`` names the levels run ("kc"; "k", "c" or "" are the paper's SQuant-K, -C and -E ablations).
+    ``movable_up``/``movable_down`` say which weights may take the code above/below nearest (not a
+    range-setting weight, not off the grid)."""
+    q = torch.round(t) if grid is None else torch.clamp(torch.round(t), *grid)
     err = q - t
     up_pri = torch.where(movable_up & (err < 0), err.abs(), 0.0)
     down_pri = torch.where(movable_down & (err > 0), err.abs(), 0.0)
@@ -101,7 +107,9 @@ def squant_layer(layer: QuantLayer, levels: str = "kc") -> dict[str, float]:
     t3 = t.reshape(w.shape[0], w.shape[1], -1)
     n3 = nearest.reshape_as(t3)
     free = ~extreme.reshape_as(t3)
-    codes = squant_codes(t3, free & (n3 + 1 <= qmax), free & (n3 - 1 >= qmin), levels).reshape_as(w)
+    codes = squant_codes(
+        t3, free & (n3 + 1 <= qmax), free & (n3 - 1 >= qmin), levels, (qmin, qmax)
+    ).reshape_as(w)
     layer.weight.copy_((codes + zp) / scale)
 
     def worst(q: torch.Tensor) -> tuple[float, float]:
