@@ -167,14 +167,19 @@ def _spec(tiny_spec: JobSpec, **quant) -> JobSpec:
     return JobSpec.model_validate(data)
 
 
-def test_pipeline_rounds_once_after_training_and_a_resume_keeps_it(tiny_teacher, tiny_spec, tmp_path):
-    spec = _spec(tiny_spec)
+@pytest.mark.parametrize("rounding", ["adaround", "squant"])
+def test_pipeline_rounds_once_after_training_and_a_resume_keeps_it(
+    tiny_teacher, tiny_spec, tmp_path, rounding
+):
+    spec = _spec(tiny_spec, weight_round=rounding)  # squant (dfq/quant/squant.py) takes the same path
     events: list[Event] = []
     pipe = Pipeline(spec, tiny_teacher, 10, (1, 28, 28))
     state = tmp_path / "state.pt"
     pipe.run(events.append, checkpoint_path=state)
     rounds = [e for e in events if e.kind == "round"]
     assert len(rounds) == len(pipe.history["rounded"]) == 22  # resnet20: 21 convs + fc
+    assert [e.metrics["layer"] for e in rounds] == list(range(1, 23))
+    assert not spec.real_data_used
     assert events[-1].kind == "checkpoint" and events[-1].phase == "round"
     weights = {k: v.clone() for k, v in pipe.student.state_dict().items()}
     for m in pipe.student.modules():

@@ -1,12 +1,12 @@
-"""``quant.weight_round = "squant"``: data-free flip rounding (dfq/quant/squant.py)."""
+"""``quant.weight_round = "squant"``: data-free flip rounding (dfq/quant/squant.py). The pipeline's rounding
+step (once after training, kept across a resume) is tested for both roundings in test_adaround.py."""
 
 import numpy as np
 import pytest
 import torch
 
-from dfq.pipeline import Event, Pipeline
 from dfq.quant import quantize
-from dfq.quant.modules import QuantConv2d, QuantLinear
+from dfq.quant.modules import QuantConv2d
 from dfq.quant.quantizer import asymmetric_params, per_channel_range, per_tensor_range
 from dfq.quant.squant import squant, squant_codes, squant_layer
 from dfq.spec import JobSpec, QuantSpec
@@ -130,31 +130,6 @@ def test_squant_rounds_every_quantized_layer_and_leaves_float_ones():
     report = squant(student)
     assert set(report) == {"0"}
     assert torch.equal(student[2].weight, last)
-
-
-def test_pipeline_squant_after_training_and_a_resume_keeps_it(tiny_teacher, tiny_spec, tmp_path):
-    data = tiny_spec.canonical()
-    data["quant"] |= {"weight_round": "squant"}
-    spec = JobSpec.model_validate(data)
-    events: list[Event] = []
-    pipe = Pipeline(spec, tiny_teacher, 10, (1, 28, 28))
-    state = tmp_path / "state.pt"
-    pipe.run(events.append, checkpoint_path=state)
-    rounds = [e for e in events if e.kind == "round"]
-    assert len(rounds) == len(pipe.history["rounded"]) == 22  # resnet20: 21 convs + fc
-    assert [e.metrics["layer"] for e in rounds] == list(range(1, 23))
-    assert events[-1].kind == "checkpoint" and events[-1].phase == "round"
-    assert not spec.real_data_used
-    for m in pipe.student.modules():
-        if isinstance(m, QuantConv2d | QuantLinear):
-            assert torch.allclose(m.quantized_weight(), m.weight, atol=1e-6)
-    weights = {k: v.clone() for k, v in pipe.student.state_dict().items()}
-    again = Pipeline(spec, tiny_teacher, 10, (1, 28, 28))
-    again.load(state)
-    later: list[Event] = []
-    again.run(later.append, checkpoint_path=state)
-    assert not [e for e in later if e.kind == "round"]
-    assert all(torch.equal(v, weights[k]) for k, v in again.student.state_dict().items())
 
 
 def test_model_card_names_squant_and_the_job_stays_data_free():
