@@ -217,6 +217,11 @@ def finish_report(
     report["evals"] = pipe.history.get("evals", [])
     report["oom_batch_halvings"] = pipe.history.get("oom", [])  # see dfq/oom.py
     report["layer_errors"] = layer_errors(pipe.student)
+    if "rounded" in pipe.history:  # quant.weight_round's per-layer figures (adaround's errors, squant's sums)
+        report["weight_rounding"] = {
+            layer: {k: round(v, 6) for k, v in figures.items()}
+            for layer, figures in pipe.history["rounded"].items()
+        }
     report["activation_ranges"] = {
         k: [round(a, 5), round(b, 5)] for k, (a, b) in activation_ranges(pipe.student).items()
     }

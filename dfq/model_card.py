@@ -94,6 +94,15 @@ def render_model_card(report: dict[str, Any], info: TeacherInfo, spec: JobSpec) 
     )
     lines += ["## Method and switches", ""]
     lines += _table(["switch", "value"], _switches(spec))
+    rounding = report.get("weight_rounding")
+    if rounding:
+        moved = sum(f.get("changed", 0.0) for f in rounding.values()) / len(rounding)
+        lines += [
+            f"Weight rounding (`{spec.quant.weight_round}`) ran on {len(rounding)} layers and moved "
+            f"{100 * moved:.1f}% of their weights (layer mean) off nearest rounding; per layer in "
+            "report.json's `weight_rounding`.",
+            "",
+        ]
     lines += ["## Accuracy", ""]
     if report.get("q_top1") is not None:
         lines += _table(

@@ -53,6 +53,23 @@ def test_report_has_the_promised_fields(smoke_run):
     assert 80 < report["fp_top1"] <= 100 and 0 <= report["q_top1"] <= 100
     assert len(report["layer_errors"]) == 22 and all(r["rel_mse"] > 0 for r in report["layer_errors"])
     assert not (out / "state.pt").exists()  # finished runs drop their resumable state
+    assert "weight_rounding" not in report  # nearest rounding: nothing to report
+
+
+def test_a_rounding_job_reports_each_layer(tmp_path):
+    spec = JobSpec.model_validate(
+        {"bits": "W4A4", "budget": "smoke", "device": "cpu", "quant": {"weight_round": "squant"}}
+    )
+    report = run_job(spec, "resnet20_fmnist", tmp_path)
+    rounding = report["weight_rounding"]
+    assert len(rounding) == 22 and list(rounding)[-1] == "fc"  # resnet20: 21 convs + fc
+    assert all(0 < f["changed"] < 0.5 and f["channel_sum"] <= 0.5 + 1e-5 for f in rounding.values())
+    assert json.loads((tmp_path / "report.json").read_text())["weight_rounding"] == rounding
+    moved = 100 * sum(f["changed"] for f in rounding.values()) / 22
+    assert (
+        f"Weight rounding (`squant`) ran on 22 layers and moved {moved:.1f}% of their weights"
+        in (tmp_path / "report.md").read_text()
+    )
 
 
 def test_artifacts_exist_and_reload(smoke_run):
