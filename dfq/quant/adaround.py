@@ -40,7 +40,7 @@ from torch import nn
 from dfq.quant.consumers import bn_scale, sole_bn_after
 from dfq.quant.modules import FLOAT_BITS, QuantConv2d, QuantLayer, QuantLinear
 from dfq.quant.probe import probe_forward
-from dfq.quant.quantizer import asymmetric_params, int_range, per_channel_range, per_tensor_range
+from dfq.quant.quantizer import int_range, weight_grid
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound eq. 23)
 REG_WEIGHT = 0.01  # lambda
@@ -81,19 +81,8 @@ class SoftRounding:
 
     @classmethod
     def of(cls, layer: QuantLayer) -> SoftRounding:
-        w = layer.weight.detach()
-        if layer.per_channel:
-            lo, hi = per_channel_range(w)
-            shape = (-1, *([1] * (w.dim() - 1)))
-            extreme = (w == lo.view(shape)) | (w == hi.view(shape))
-        else:
-            lo, hi = per_tensor_range(w)
-            shape = ()
-            extreme = (w == lo) | (w == hi)
-        scale, zp = asymmetric_params(layer.w_bits, lo, hi)
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
+        t, scale, zp, extreme = weight_grid(layer.weight, layer.w_bits, layer.per_channel)
         qmin, qmax = int_range(layer.w_bits)
-        t = scale * w - zp
         floor = torch.floor(t)
         nearest = torch.clamp(torch.round(t), qmin, qmax)
         fixed = extreme | (floor < qmin) | (floor + 1 > qmax)

@@ -170,3 +170,21 @@ def per_channel_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def per_tensor_range(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.detach()
     return w.amin(), w.amax()
+
+
+def weight_grid(
+    w: torch.Tensor, bits: int, per_channel: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight tensor on the grid its quantizer derives from it at every forward (min/max per output
+    channel or per tensor): ``(t, scale, zp, extreme)``, ``t = scale * w - zp`` the real-valued codes,
+    ``scale``/``zp`` shaped to broadcast against ``w``, ``extreme`` the weights that set the range.
+
+    Why one place: a rounding rule that writes codes back as float weights (adaround, squant) must keep
+    ``extreme`` on their nearest codes, or the range, and with it the whole grid, moves at the next forward.
+    """
+    w = w.detach()
+    lo, hi = per_channel_range(w) if per_channel else per_tensor_range(w)
+    shape = (-1, *([1] * (w.dim() - 1))) if per_channel else ()
+    lo, hi = lo.reshape(shape), hi.reshape(shape)
+    scale, zp = asymmetric_params(bits, lo, hi)
+    return scale * w - zp, scale, zp, (w == lo) | (w == hi)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from dfq.quant.modules import FLOAT_BITS, QuantLayer
-from dfq.quant.quantizer import asymmetric_params, int_range, per_channel_range, per_tensor_range
+from dfq.quant.quantizer import int_range, weight_grid
 
 
 def _ranks(priority: torch.Tensor) -> torch.Tensor:
@@ -88,28 +88,18 @@ def squant_codes(
 
 
 @torch.no_grad()
-def squant_layer(layer: QuantLayer, levels: str = "kc") -> dict[str, float]:
+def squant_layer(layer: QuantLayer) -> dict[str, float]:
     """Round ``layer``'s weights by SQuant on its own grid and write them back; returns the share of weights
     rounded unlike nearest and the largest kernel and channel error sums (in grid steps) before and after."""
-    w = layer.weight.detach()
-    if layer.per_channel:
-        lo, hi = per_channel_range(w)
-        shape = (-1, *([1] * (w.dim() - 1)))
-    else:
-        lo, hi = per_tensor_range(w)
-        shape = ()
-    extreme = (w == lo.view(shape)) | (w == hi.view(shape))
-    scale, zp = asymmetric_params(layer.w_bits, lo, hi)
-    scale, zp = scale.reshape(shape), zp.reshape(shape)
+    w = layer.weight
+    t, scale, zp, extreme = weight_grid(w, layer.w_bits, layer.per_channel)
     qmin, qmax = int_range(layer.w_bits)
-    t = scale * w - zp
     nearest = torch.clamp(torch.round(t), qmin, qmax)
     t3 = t.reshape(w.shape[0], w.shape[1], -1)
     n3 = nearest.reshape_as(t3)
     free = ~extreme.reshape_as(t3)
-    codes = squant_codes(
-        t3, free & (n3 + 1 <= qmax), free & (n3 - 1 >= qmin), levels, (qmin, qmax)
-    ).reshape_as(w)
+    up, down = free & (n3 + 1 <= qmax), free & (n3 - 1 >= qmin)
+    codes = squant_codes(t3, up, down, grid=(qmin, qmax)).reshape_as(w)
     layer.weight.copy_((codes + zp) / scale)
 
     def worst(q: torch.Tensor) -> tuple[float, float]:
@@ -126,10 +116,10 @@ def squant_layer(layer: QuantLayer, levels: str = "kc") -> dict[str, float]:
     }
 
 
-def squant(student: nn.Module, levels: str = "kc") -> dict[str, dict[str, float]]:
+def squant(student: nn.Module) -> dict[str, dict[str, float]]:
     """SQuant every quantized weight layer of ``student`` (module docstring); no images, no teacher."""
     return {
-        name: squant_layer(m, levels)
+        name: squant_layer(m)
         for name, m in student.named_modules()
         if isinstance(m, QuantLayer) and m.w_bits < FLOAT_BITS
     }
