@@ -131,7 +131,7 @@ def run_job(
             "resumed_from_step": resumed_from,
             "peak_mem_mb": round(_peak_memory_mb(device), 1),
             "train_s": round(history["train_s"], 2),
-            "it_per_s": round(pipe.step / max(history["train_s"], 1e-9), 3),
+            "it_per_s": round(pipe.steps_run / max(history["train_s"], 1e-9), 3),
         }
     )
     z, y = pipe.generator.sample_inputs(64, torch.Generator().manual_seed(spec.seed + 2))
@@ -179,7 +179,8 @@ def finish_report(
         "device": f"{device} ({torch.cuda.get_device_name(device)})"
         if device.type == "cuda"
         else str(device),
-        "iterations": pipe.step,
+        "iterations": pipe.steps_run,
+        "generator_skipped": pipe.history.get("generator_skipped"),  # budget.idle_generator
         "student_steps": max(0, pipe.step - spec.budget.warmup_iters),  # those run, not those planned
         "teacher": json.loads(json.dumps(info.to_json())),
         "spec": spec.canonical(),
@@ -221,6 +222,11 @@ def finish_report(
         report["weight_rounding"] = {
             layer: {k: round(v, 6) for k, v in figures.items()}
             for layer, figures in pipe.history["rounded"].items()
+        }
+    if "bias_corrected" in pipe.history:  # quant.bias_correct: each corrected module's mean |shift|
+        report["bias_correction"] = {
+            name: {"shift": round(f["shift"], 6), "onto": "bias" if f["kind"] else "bn_running_mean"}
+            for name, f in pipe.history["bias_corrected"].items()
         }
     report["activation_ranges"] = {
         k: [round(a, 5), round(b, 5)] for k, (a, b) in activation_ranges(pipe.student).items()

@@ -103,6 +103,22 @@ def render_model_card(report: dict[str, Any], info: TeacherInfo, spec: JobSpec) 
             "report.json's `weight_rounding`.",
             "",
         ]
+    shifts = report.get("bias_correction")
+    if shifts:
+        lines += [
+            f"Bias correction (`quant.bias_correct`) took the mean output shift of {len(shifts)} quantized "
+            f"layers off, measured against the teacher on {spec.quant.bias_images} images from "
+            f"{spec.quant.round_data} (mean |shift| {sum(f['shift'] for f in shifts.values()) / len(shifts):.4g}); "
+            "per layer in report.json's `bias_correction`.",
+            "",
+        ]
+    skipped = report.get("generator_skipped")
+    if skipped:
+        lines += [
+            f"The generator's {skipped['steps']} steps were left out (`budget.idle_generator: skip`): "
+            f"{skipped['reason']}, so they could not change the student. The job has no synthetic samples.",
+            "",
+        ]
     lines += ["## Accuracy", ""]
     if report.get("q_top1") is not None:
         lines += _table(

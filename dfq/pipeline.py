@@ -26,9 +26,11 @@ from dfq import oom
 from dfq.data import LabelledSet, Preprocess
 from dfq.distill import student_loss
 from dfq.evaluate import predict, top1
-from dfq.quant import quantize, set_calibration
+from dfq.quant import ActQuant, quantize, set_calibration
 from dfq.quant.adaround import adaround
+from dfq.quant.bias_correct import bias_correct
 from dfq.quant.bn_ranges import set_ranges_from_bn
+from dfq.quant.modules import FLOAT_BITS
 from dfq.quant.squant import squant
 from dfq.spec import JobSpec, same_spec
 from dfq.speed import as_float32, autocast, compile_networks, set_memory_format
@@ -253,6 +255,11 @@ class Pipeline:
     def total(self) -> int:
         return self.spec.budget.total_iters
 
+    @property
+    def steps_run(self) -> int:
+        """Iterations this run's loop took: ``step`` less those ``budget.idle_generator`` left out."""
+        return self.step - self.history.get("generator_skipped", {}).get("steps", 0)
+
     def phase(self, epoch: int) -> str:
         b, q = self.spec.budget, self.spec.quant
         if epoch < b.warmup_epochs:
@@ -343,6 +350,31 @@ class Pipeline:
         pred = predict(self.student, data.images, self.preprocess, device=self.device)
         return {"q_top1": round(top1(pred, data.labels), 2), "n_eval": len(data)}
 
+    def idle_generator(self) -> str | None:
+        """Why the generator's steps cannot change the result (``budget.idle_generator``), or None.
+
+        A step reaches the student in three ways only: a student step, an activation range calibrated on
+        its images, and weight rounding learnt on its images. With none of them the steps are work a user
+        waits for and gets nothing from (MobileNetV2 at ``calibrate`` with ``bn-mse``: 80 steps, minutes
+        on a CPU, the same student for every seed)."""
+        b, q = self.spec.budget, self.spec.quant
+        if b.idle_generator != "skip" or b.student_steps:
+            return None
+        quants = [m for m in self.student.modules() if isinstance(m, ActQuant) and m.bits < FLOAT_BITS]
+        if any(not m.fixed for m in quants):
+            return None
+        if q.uses_images and self.round_set is None:
+            return None
+        return (
+            f"no student step, all {len(quants)} activation ranges from the teacher's BN"
+            + (
+                ""
+                if q.weight_round == "nearest"
+                else f", weight rounding {q.weight_round} without its images"
+            )
+            + (f", bias correction on {q.round_data} images" if q.bias_correct else "")
+        )
+
     def run(
         self,
         on_event: EventCallback | None = None,
@@ -352,6 +384,15 @@ class Pipeline:
         """Train to the end of the budget (from ``self.step``), emitting events; returns the history."""
         b, q = self.spec.budget, self.spec.quant
         emit = on_event or (lambda e: None)
+        why = self.idle_generator() if self.step < self.total else None
+        if why is not None:  # the loop below then has nothing to do
+            emit(Event("phase", "ranges", self.step, self.total, 0))
+            self.history["generator_skipped"] = {"reason": why, "steps": self.total - self.step}
+            self.step = self.total
+            if b.eval_every:
+                self._record_eval(emit, "ranges", b.epochs, {"epoch": b.epochs})
+            if checkpoint_path:
+                self.save(checkpoint_path)
         current_phase = None
         t0, first = time.perf_counter(), self.step
         while self.step < self.total:
@@ -394,7 +435,25 @@ class Pipeline:
             if checkpoint_path:  # the rounded weights are the result: a resume must not round them again
                 self.save(checkpoint_path)
                 emit(Event("checkpoint", "round", self.step, self.total, self.step // b.iters_per_epoch))
+        if q.bias_correct and "bias_corrected" not in self.history:
+            self.correct_bias(emit)
+            if checkpoint_path:  # as for the rounding: a resume must not shift the means twice
+                self.save(checkpoint_path)
+                emit(Event("checkpoint", "bias", self.step, self.total, self.step // b.iters_per_epoch))
         return self.history
+
+    def correct_bias(self, emit: EventCallback) -> dict[str, dict[str, float]]:
+        """``quant.bias_correct``, last (after any rounding, whose codes it corrects for): every quantized
+        layer's mean output shift against the teacher, on the generator's images or ``round_data``'s,
+        taken off (dfq/quant/bias_correct.py)."""
+        b = self.spec.budget
+        epoch = self.step // b.iters_per_epoch
+        emit(Event("phase", "bias", self.step, self.total, epoch))
+        report = bias_correct(self.student, self.teacher, self._round_images(self.spec.quant.bias_images))
+        self.history["bias_corrected"] = report
+        if b.eval_every:
+            self._record_eval(emit, "bias", epoch, {"epoch": b.epochs, "bias_corrected": 1})
+        return report
 
     def round_weights(
         self, emit: EventCallback, should_cancel: Callable[[], bool] | None = None
@@ -447,18 +506,20 @@ class Pipeline:
             self.history["best"] = result
         emit(Event("eval", phase, self.step, self.total, epoch, dict(result)))
 
-    def _round_images(self) -> torch.Tensor:
-        """``quant.round_images`` images to learn the rounding on: the generator's (as training sees them),
-        or a random draw from ``round_set`` in the teacher's input space."""
-        q, b = self.spec.quant, self.spec.budget
+    def _round_images(self, count: int | None = None) -> torch.Tensor:
+        """``count`` (default ``quant.round_images``) images to learn the rounding or measure the bias
+        shifts on: the generator's (as training sees them), or a random draw from ``round_set`` in the
+        teacher's input space."""
+        b = self.spec.budget
+        count = count or self.spec.quant.round_images
         g = torch.Generator().manual_seed(self.spec.seed + 104729)
         if self.round_set is not None:
-            pick = torch.randperm(len(self.round_set), generator=g)[: q.round_images]
+            pick = torch.randperm(len(self.round_set), generator=g)[:count]
             x = self.round_set.images[pick]
             return (self.preprocess(x) if self.preprocess is not None else x).to(self.device)
         images = []
-        for n in range(0, q.round_images, b.batch_size):
-            z, y = self.generator.sample_inputs(min(b.batch_size, q.round_images - n), g)
+        for n in range(0, count, b.batch_size):
+            z, y = self.generator.sample_inputs(min(b.batch_size, count - n), g)
             c = torch.rand(len(z), 2, generator=g) if self.objective.center_conditioned else None
             images.append(self.synthesize(z, y, None if c is None else c.to(self.device)))
         return torch.cat(images)

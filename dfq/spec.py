@@ -90,9 +90,19 @@ class QuantSpec(_Strict):
     round_data: str = Field(
         "generator",
         min_length=1,
-        description="adaround: where those images come from: generator (data-free, the default) or a set "
-        "of real images as for eval ('fashion-mnist-train', a .npz or an ImageFolder; labels unused). Real "
-        "images make the job no longer data-free, and its report says so (real_data_used)",
+        description="adaround and bias_correct: where their images come from: generator (data-free, the "
+        "default) or a set of real images as for eval ('fashion-mnist-train', a .npz or an ImageFolder; "
+        "labels unused). Real images make the job no longer data-free, and its report says so "
+        "(real_data_used)",
+    )
+    bias_correct: bool = Field(
+        False,
+        description="after training (and weight rounding), take each quantized layer's mean output shift "
+        "against the teacher, measured on bias_images images, off its bias or onto the running mean of "
+        "the BN it feeds (Nagel et al.'s empirical bias correction; dfq/quant/bias_correct.py)",
+    )
+    bias_images: int = Field(
+        256, ge=16, le=4096, description="bias_correct: images the shifts are measured on, in one batch"
     )
 
     _bits = field_validator("w_bits", "a_bits", "first_layer_bits", "last_layer_bits")(
@@ -106,9 +116,10 @@ class QuantSpec(_Strict):
                 "quant.act_mse_weight needs quant.act_clip 'bn-mse': it weights the channels of the "
                 "BN-described activations a bn-mse range is chosen on"
             )
-        if self.round_data != "generator" and self.weight_round != "adaround":
+        if self.round_data != "generator" and not self.uses_images:
             raise ValueError(
-                "quant.round_data needs quant.weight_round 'adaround': only learnt rounding uses images"
+                "quant.round_data needs quant.weight_round 'adaround' or quant.bias_correct: only they "
+                "use images after training"
             )
         if self.act_equalize != "none":
             if self.act_clip != "bn-mse":
@@ -124,10 +135,15 @@ class QuantSpec(_Strict):
         return self
 
     @property
+    def uses_images(self) -> bool:
+        """Whether a step after training reads images: learnt rounding or bias correction."""
+        return self.weight_round == "adaround" or self.bias_correct
+
+    @property
     def round_set(self) -> str | None:
-        """The real set the rounding learns on (``round_data``), or None: the generator's images, or no
-        learnt rounding at all."""
-        return self.round_data if self.weight_round == "adaround" and self.round_data != "generator" else None
+        """The real set learnt rounding and bias correction read (``round_data``), or None: the
+        generator's images, or no step that reads images."""
+        return self.round_data if self.uses_images and self.round_data != "generator" else None
 
     @property
     def label(self) -> str:
@@ -477,6 +493,14 @@ class BudgetSpec(_Strict):
     )
     sample_every: int = Field(40, ge=1, description="emit a sample-image grid every N iterations")
     checkpoint_every: int = Field(20, ge=1, description="save resumable state every N iterations")
+    idle_generator: Literal["skip", "train"] = Field(
+        "skip",
+        description="a budget with no student step whose student no generator image can reach (every "
+        "activation quantizer holds a range from the teacher's BN, and no rounding is learnt on the "
+        "generator's images): 'skip' leaves the generator's steps out, since the student is the same "
+        "with or without them (MobileNetV2 with quant.act_clip bn-mse at the calibrate budget); "
+        "'train' runs them anyway, for their sample grids and loss curves",
+    )
 
     @model_validator(mode="before")
     @classmethod
