@@ -36,6 +36,31 @@ def _channel_mean(x: torch.Tensor) -> torch.Tensor:
     return x.detach().double().mean(dim=[d for d in range(x.dim()) if d != 1])
 
 
+def _forward_with(model: nn.Module, images: torch.Tensor, hooks: list) -> None:
+    """One forward of ``images`` without autograd, with ``hooks`` in place; they are removed after."""
+    try:
+        with torch.no_grad():
+            model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _hook_targets(model: nn.Module, targets: dict[str, str], on_bn, on_output) -> list:
+    """``on_bn(module, input, name)`` before each ``bn`` target, ``on_output(module, output, name)``
+    after each ``bias`` target (its return value, if any, replaces the output)."""
+    by_name = dict(model.named_modules())
+    missing = [n for n in targets if n not in by_name]
+    if missing:
+        raise ValueError(f"bias correction: the teacher has no module {missing[0]!r} the student has")
+    return [
+        by_name[n].register_forward_pre_hook(lambda m, a, n=n: on_bn(m, a[0], n))
+        if kind == "bn"
+        else by_name[n].register_forward_hook(lambda m, a, o, n=n: on_output(m, o, n))
+        for n, kind in targets.items()
+    ]
+
+
 def correction_targets(student: nn.Module, probe: torch.Tensor) -> dict[str, str]:
     """``{module name: "bn" | "bias"}`` in forward order: each BatchNorm whose input is a quantized
     layer's output, and each quantized layer with a bias whose output no BatchNorm takes. Found on one
@@ -57,12 +82,7 @@ def correction_targets(student: nn.Module, probe: torch.Tensor) -> dict[str, str
 
     hooks = [m.register_forward_hook(on_layer) for m in layers]
     hooks += [m.register_forward_pre_hook(on_bn) for m in bns]
-    try:
-        with torch.no_grad():
-            student(probe)
-    finally:
-        for h in hooks:
-            h.remove()
+    _forward_with(student, probe, hooks)
     fed = {n for n, kind in order if kind == "fed"}
     by_name = dict(student.named_modules())
     targets: dict[str, str] = {}
@@ -71,35 +91,20 @@ def correction_targets(student: nn.Module, probe: torch.Tensor) -> dict[str, str
             targets[name] = "bn"
         elif kind == "layer" and name not in fed and getattr(by_name[name], "bias", None) is not None:
             targets[name] = "bias"
-    # a layer is seen before the BN it feeds, so "bias" entries of fed layers never got in; keep order
     return targets
 
 
 def _teacher_means(
     teacher: nn.Module, targets: dict[str, str], images: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    by_name = dict(teacher.named_modules())
-    missing = [n for n in targets if n not in by_name]
-    if missing:
-        raise ValueError(f"bias correction: the teacher has no module {missing[0]!r} the student has")
     means: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, kind in targets.items():
-        m = by_name[name]
-        if kind == "bn":
-            hooks.append(
-                m.register_forward_pre_hook(lambda m, a, n=name: means.__setitem__(n, _channel_mean(a[0])))
-            )
-        else:
-            hooks.append(
-                m.register_forward_hook(lambda m, a, o, n=name: means.__setitem__(n, _channel_mean(o)))
-            )
-    try:
-        with torch.no_grad():
-            teacher(images)
-    finally:
-        for h in hooks:
-            h.remove()
+    hooks = _hook_targets(
+        teacher,
+        targets,
+        lambda m, x, n: means.__setitem__(n, _channel_mean(x)),
+        lambda m, out, n: means.__setitem__(n, _channel_mean(out)),
+    )
+    _forward_with(teacher, images, hooks)
     return means
 
 
@@ -109,7 +114,6 @@ def bias_correct(student: nn.Module, teacher: nn.Module, images: torch.Tensor) -
     ``{module name: {"shift": mean |shift|, "kind": 0 (BN mean) or 1 (bias)}}`` for the report."""
     targets = correction_targets(student, images[:1])
     reference = _teacher_means(teacher, targets, images)
-    by_name = dict(student.named_modules())
     report: dict[str, dict[str, float]] = {}
 
     def shift_of(name: str, x: torch.Tensor) -> torch.Tensor:
@@ -117,27 +121,19 @@ def bias_correct(student: nn.Module, teacher: nn.Module, images: torch.Tensor) -
         report[name] = {"shift": float(delta.abs().mean()), "kind": float(targets[name] == "bias")}
         return delta
 
-    def on_bn(m, args, name):
-        m.running_mean.add_(shift_of(name, args[0]).to(m.running_mean.dtype))
+    def on_bn(m, x, name):
+        m.running_mean.add_(shift_of(name, x).to(m.running_mean.dtype))
 
-    def on_bias(m, args, out, name):
+    def on_bias(m, out, name):
         delta = shift_of(name, out).to(out.dtype)
         m.bias.sub_(delta)
         return out - delta.view(1, -1, *([1] * (out.dim() - 2)))  # the layers after it see it corrected
 
-    hooks = []
-    for name, kind in targets.items():
-        m = by_name[name]
-        if kind == "bn":
-            hooks.append(m.register_forward_pre_hook(lambda m, a, n=name: on_bn(m, a, n)))
-        else:
-            hooks.append(m.register_forward_hook(lambda m, a, o, n=name: on_bias(m, a, o, n)))
+    hooks = _hook_targets(student, targets, on_bn, on_bias)
     was_training = student.training
     student.eval()
     try:
-        student(images)
+        _forward_with(student, images, hooks)
     finally:
-        for h in hooks:
-            h.remove()
         student.train(was_training)
     return report
