@@ -116,7 +116,8 @@ def render_model_card(report: dict[str, Any], info: TeacherInfo, spec: JobSpec) 
     if skipped:
         lines += [
             f"The generator's {skipped['steps']} steps were left out (`budget.idle_generator: skip`): "
-            f"{skipped['reason']}, so they could not change the student. The job has no synthetic samples.",
+            f"{skipped['reason']}, so they could not change the student. The job has no generator curves, and "
+            "samples.png shows the untrained generator.",
             "",
         ]
     lines += ["## Accuracy", ""]
