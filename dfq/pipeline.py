@@ -366,13 +366,8 @@ class Pipeline:
         if q.uses_images and self.round_set is None:
             return None
         return (
-            f"no student step, all {len(quants)} activation ranges from the teacher's BN"
-            + (
-                ""
-                if q.weight_round == "nearest"
-                else f", weight rounding {q.weight_round} without its images"
-            )
-            + (f", bias correction on {q.round_data} images" if q.bias_correct else "")
+            f"no student step, all {len(quants)} activation ranges from the teacher's BN, and nothing "
+            "after training reads the generator's images"
         )
 
     def run(
