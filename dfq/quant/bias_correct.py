@@ -62,36 +62,26 @@ def _hook_targets(model: nn.Module, targets: dict[str, str], on_bn, on_output) -
 
 
 def correction_targets(student: nn.Module, probe: torch.Tensor) -> dict[str, str]:
-    """``{module name: "bn" | "bias"}`` in forward order: each BatchNorm whose input is a quantized
-    layer's output, and each quantized layer with a bias whose output no BatchNorm takes. Found on one
-    forward of ``probe`` (one image is enough) by following the output tensors themselves."""
+    """``{module name: "bn" | "bias"}``: each BatchNorm whose input is a quantized layer's output, and
+    each quantized layer with a bias whose output no BatchNorm takes. Found on one forward of ``probe``
+    (one image is enough) by following the output tensors themselves. The order does not matter: the
+    corrections are hooks, and they fire in the order of the forward."""
     layers = {m: n for n, m in student.named_modules() if isinstance(m, QuantLayer)}
     bns = {m: n for n, m in student.named_modules() if isinstance(m, _BN)}
-    outputs: list[tuple[str, torch.Tensor]] = []  # held, so no tensor id is reused during the probe
-    order: list[tuple[str, str]] = []
-
-    def on_layer(m, args, out):
-        outputs.append((layers[m], out))
-        order.append((layers[m], "layer"))
+    outputs: dict[str, torch.Tensor] = {}  # held, so the identity test compares live tensors
+    fed_by: dict[str, str] = {}  # BN name -> the layer whose output it takes
 
     def on_bn(m, args):
-        fed_by = next((n for n, t in outputs if t is args[0]), None)
-        if fed_by is not None:
-            order.append((bns[m], "bn"))
-            order.append((fed_by, "fed"))
+        layer = next((n for n, t in outputs.items() if t is args[0]), None)
+        if layer is not None:
+            fed_by[bns[m]] = layer
 
-    hooks = [m.register_forward_hook(on_layer) for m in layers]
+    hooks = [m.register_forward_hook(lambda m, a, out: outputs.__setitem__(layers[m], out)) for m in layers]
     hooks += [m.register_forward_pre_hook(on_bn) for m in bns]
     _forward_with(student, probe, hooks)
-    fed = {n for n, kind in order if kind == "fed"}
-    by_name = dict(student.named_modules())
-    targets: dict[str, str] = {}
-    for name, kind in order:
-        if kind == "bn":
-            targets[name] = "bn"
-        elif kind == "layer" and name not in fed and getattr(by_name[name], "bias", None) is not None:
-            targets[name] = "bias"
-    return targets
+    fed, by_name = set(fed_by.values()), dict(student.named_modules())
+    biased = [n for n in outputs if n not in fed and getattr(by_name[n], "bias", None) is not None]
+    return {n: "bn" for n in fed_by} | {n: "bias" for n in biased}
 
 
 def _teacher_means(
