@@ -33,13 +33,16 @@ def write_artifacts(
     save_state_dict(
         {k: v.detach().cpu() for k, v in pipe.student.state_dict().items()}, out / QUANTIZED_FILE, meta
     )
-    save_state_dict(
-        {k: v.detach().cpu() for k, v in pipe.generator.state_dict().items()}, out / GENERATOR_FILE, meta
-    )
-    images, _ = pipe.sample_grid()
-    per_class = len(images) // min(info.num_classes, 10)
-    save_grid(images, out / SAMPLES_FILE, info.mean, info.std, per_class)
-    write_attention(pipe, info, images, out / ATTENTION_FILE, per_class)
+    if "generator_skipped" not in pipe.history:
+        # a generator whose steps were left out (budget.idle_generator) is its random initialisation:
+        # its weights, sample grid and attention maps would show a model the student never met
+        save_state_dict(
+            {k: v.detach().cpu() for k, v in pipe.generator.state_dict().items()}, out / GENERATOR_FILE, meta
+        )
+        images, _ = pipe.sample_grid()
+        per_class = len(images) // min(info.num_classes, 10)
+        save_grid(images, out / SAMPLES_FILE, info.mean, info.std, per_class)
+        write_attention(pipe, info, images, out / ATTENTION_FILE, per_class)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
 
 

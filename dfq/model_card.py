@@ -116,8 +116,9 @@ def render_model_card(report: dict[str, Any], info: TeacherInfo, spec: JobSpec) 
     if skipped:
         lines += [
             f"The generator's {skipped['steps']} steps were left out (`budget.idle_generator: skip`): "
-            f"{skipped['reason']}, so they could not change the student. The job has no generator curves, and "
-            "samples.png shows the untrained generator.",
+            f"{skipped['reason']}, so they could not change the student. The job has no generator curves, and no "
+            "generator weights, sample grid or attention maps: the untrained generator's would show images "
+            "the student never met.",
             "",
         ]
     lines += ["## Accuracy", ""]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -28,6 +30,20 @@ def client(settings):
 def _token(settings, name):
     with session_scope(settings.resolved_database_url) as s:
         return create_token(s, name)
+
+
+def login(client, token: str, next_url: str = "/jobs"):
+    """A browser session for ``token``, through the login form and its CSRF token."""
+    page = client.get(f"/login?next={next_url}")
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text)[1]
+    return client.post(
+        "/login", data={"token": token, "csrf_token": csrf, "next": next_url}, follow_redirects=False
+    )
+
+
+@pytest.fixture
+def alice_token(client, settings):
+    return _token(settings, "alice")
 
 
 @pytest.fixture

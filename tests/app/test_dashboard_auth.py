@@ -4,31 +4,17 @@ from __future__ import annotations
 
 import re
 
-import pytest
 from sqlalchemy import update
 
 from app import sessions
 from worker.db import session_scope
 from worker.models import ApiToken
 
-from .conftest import _token
-
-
-def login(client, token: str, next_url: str = "/jobs"):
-    page = client.get(f"/login?next={next_url}")
-    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page.text)[1]
-    return client.post(
-        "/login", data={"token": token, "csrf_token": csrf, "next": next_url}, follow_redirects=False
-    )
+from .conftest import _token, login
 
 
 def page_csrf(client, path: str = "/jobs/new") -> str:
     return re.search(r'name="csrf-token" content="([^"]+)"', client.get(path).text)[1]
-
-
-@pytest.fixture
-def alice_token(client, settings):
-    return _token(settings, "alice")
 
 
 def test_session_cookies_are_signed_expire_and_name_no_token():

@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
+from sqlalchemy import update
+
 from app.web.render import age, duration, num
 from app.web.views import JobRow, accuracy_table, attention_summary, layer_rows, teacher_classes
 from dfq.spec import JobSpec
+from worker.db import session_scope
 from worker.models import Job
+
+from .conftest import login
 
 
 def _row(
@@ -75,3 +80,31 @@ def test_filters_format_what_people_scan():
     assert (
         num(None) == "—" and num(0.0001, 2) == "1.0e-04" and num(92.4) == "92.40" and num(float("nan")) == "—"
     )
+
+
+def test_a_job_without_generator_steps_says_why_it_has_no_samples(
+    client, settings, alice, alice_token, ready_checkpoint
+):
+    ids = [
+        client.post(
+            "/api/v1/jobs",
+            headers=alice,
+            json={"checkpoint_id": ready_checkpoint, "spec": {"budget": "smoke"}},
+        ).json()["id"]
+        for _ in range(2)
+    ]
+    skipped = {"reason": "no student step, all 35 activation ranges from the teacher's BN", "steps": 80}
+    with session_scope(settings.resolved_database_url) as s:
+        for job_id, gen in zip(ids, (skipped, None), strict=True):
+            s.execute(
+                update(Job).where(Job.id == job_id).values(state="done", report={"generator_skipped": gen})
+            )
+    login(client, alice_token)
+    page = client.get(f"/jobs/{ids[0]}").text
+    assert "No sample grids: the generator's 80 steps were left out" in page
+    assert "all 35 activation ranges from the teacher&#39;s BN" in page
+    assert "No sample grid yet" in client.get(f"/jobs/{ids[1]}").text
+    compare = client.get(f"/compare?ids={ids[0]}&ids={ids[1]}").text
+    assert compare.count("/artifacts/samples.png") == 1  # the trained job's grid, not the skipped one's
+    assert f'src="/api/v1/jobs/{ids[0]}/artifacts/samples.png"' not in compare
+    assert "No sample grid: the generator's steps were left out" in compare

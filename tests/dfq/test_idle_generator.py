@@ -108,5 +108,7 @@ def test_the_report_and_model_card_say_so(tmp_path, mnv2):
     assert not any(tmp_path.glob("samples/*.png"))
     card = (tmp_path / "report.md").read_text()
     assert "The generator's 4 steps were left out (`budget.idle_generator: skip`)" in card
-    assert "samples.png shows the untrained generator" in card
+    assert "no generator weights, sample grid or attention maps" in card
+    assert not any((tmp_path / f).exists() for f in ("generator.safetensors", "samples.png", "attention.png"))
+    assert (tmp_path / "quantized.safetensors").exists()
     assert report["q_top1"] > 50  # the BN ranges alone, as a `calibrate` job gives them
