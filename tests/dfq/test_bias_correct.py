@@ -57,34 +57,33 @@ def test_by_hand():
     assert report["3"]["kind"] == 1.0
 
 
+def _normalised_means(model, targets, x):
+    """each BN target's input less its running mean, and the logits: what the next layers see on average"""
+    seen = {}
+    hooks = [
+        m.register_forward_pre_hook(
+            lambda m, a, n=n: seen.__setitem__(n, (a[0] - m.running_mean.view(1, -1, 1, 1)).mean((0, 2, 3)))
+        )
+        for n, m in model.named_modules()
+        if targets.get(n) == "bn"
+    ]
+    with torch.no_grad():
+        seen["logits"] = model(x).mean(0)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
 def test_every_corrected_mean_matches_the_teacher_on_a_network(tiny_teacher):
     student = quantize(tiny_teacher, QuantSpec(w_bits=3, a_bits=32)).eval()
     x = torch.randn(64, 1, 28, 28) * 0.5 + 0.2
     targets = correction_targets(student, x[:1])
     assert list(targets.values()).count("bn") == 21 and targets["fc"] == "bias"  # 21 convs, fc
 
-    def normalised_means(model):
-        """each BN's input less its running mean, and the logits: what the next layers see on average"""
-        seen = {}
-        hooks = [
-            m.register_forward_pre_hook(
-                lambda m, a, n=n: seen.__setitem__(
-                    n, (a[0] - m.running_mean.view(1, -1, 1, 1)).mean((0, 2, 3))
-                )
-            )
-            for n, m in model.named_modules()
-            if n in targets and targets[n] == "bn"
-        ]
-        with torch.no_grad():
-            seen["logits"] = model(x).mean(0)
-        for h in hooks:
-            h.remove()
-        return seen
-
-    before, want = normalised_means(student), normalised_means(tiny_teacher)
+    before, want = _normalised_means(student, targets, x), _normalised_means(tiny_teacher, targets, x)
     assert max((before[n] - want[n]).abs().max() for n in want) > 1e-2
     bias_correct(student, tiny_teacher, x)
-    after = normalised_means(student)
+    after = _normalised_means(student, targets, x)
     assert all(torch.allclose(after[n], want[n], atol=1e-4) for n in want)
 
 
@@ -105,6 +104,27 @@ def test_pipeline_corrects_once_and_a_resume_keeps_it(tiny_teacher, tiny_spec, t
     again.run(later.append, checkpoint_path=state)
     assert not [e for e in later if e.phase == "bias"]
     assert all(torch.equal(v, means[k]) for k, v in again.student.state_dict().items())
+
+
+def test_after_learnt_rounding_it_corrects_the_rounded_codes(tiny_teacher, tiny_spec):
+    # the W3A3 recipe's order: adaround first, then the correction measured on the rounded student
+    quant = {"weight_round": "adaround", "round_iters": 5, "round_images": 32, "bias_correct": True}
+    spec = tiny_spec.model_copy(
+        update={"quant": tiny_spec.quant.model_copy(update={**quant, "bias_images": 16})}
+    )
+    events: list[Event] = []
+    pipe = Pipeline(spec, tiny_teacher, 10, (1, 28, 28))
+    pipe.run(events.append)
+    phases = [e.phase for e in events if e.kind == "phase"]
+    assert phases[-2:] == ["round", "bias"]
+    assert pipe.history["rounded"] and len(pipe.history["bias_corrected"]) == 22
+    # on the same seeded draw, every corrected point sees the teacher's mean with the rounded codes in
+    # place (a correction made before the rounding would have left the rounding's own shifts)
+    images = pipe._round_images(16)
+    student = pipe.student.eval()
+    targets = correction_targets(student, images[:1])
+    got, want = _normalised_means(student, targets, images), _normalised_means(tiny_teacher, targets, images)
+    assert all(torch.allclose(got[n], want[n], atol=1e-4) for n in want)
 
 
 def test_spec_and_real_data():
