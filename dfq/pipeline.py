@@ -482,6 +482,7 @@ class Pipeline:
                 q.round_iters,
                 seed=self.spec.seed,
                 on_layer=on_layer,
+                drop=q.round_drop,
             )
         self.history["rounded"] = report
         if b.eval_every:

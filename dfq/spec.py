@@ -87,6 +87,14 @@ class QuantSpec(_Strict):
     round_images: int = Field(
         1024, ge=32, le=65_536, description="adaround: images the layers are reconstructed on"
     )
+    round_drop: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="adaround: the share of a layer's input elements, drawn afresh at every step, that the "
+        "reconstruction takes from the float network instead of the quantized one (QDrop, Wei et al. "
+        "2022; its code's 1 - input_prob, 0.5 there). 0: AdaRound's quantized input only",
+    )
     round_data: str = Field(
         "generator",
         min_length=1,
@@ -120,6 +128,15 @@ class QuantSpec(_Strict):
             raise ValueError(
                 "quant.round_data needs quant.weight_round 'adaround' or quant.bias_correct: only they "
                 "use images after training"
+            )
+        if self.round_drop and self.weight_round != "adaround":
+            raise ValueError(
+                "quant.round_drop needs quant.weight_round 'adaround': it mixes adaround's inputs"
+            )
+        if self.round_drop and self.act_equalize != "none":
+            raise ValueError(
+                "quant.round_drop needs quant.act_equalize 'none': the float inputs it mixes in are the "
+                "teacher's, and act_equalize rescales the student's channels away from them"
             )
         if self.act_equalize != "none":
             if self.act_clip != "bn-mse":

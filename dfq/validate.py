@@ -53,7 +53,7 @@ def validate_for_teacher(
         raise SpecError("method.lrq.ama", "the teacher has no final Linear layer to take class centers from")
     q = spec.quant
     if q.weight_round == "adaround":
-        need, layer = capture_bytes(model, input_shape, q.round_images)
+        need, layer = capture_bytes(model, input_shape, q.round_images, float_inputs=q.round_drop > 0)
         if need > MAX_CAPTURE_BYTES:
             raise SpecError(
                 "quant.round_images",

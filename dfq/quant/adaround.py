@@ -25,6 +25,14 @@ channel's minimum or maximum keep their nearest code, so the per-channel range, 
 re-derives from the weights at every forward, and with it the grid, stay exactly as they were. The result
 is written back as float weights that sit on the grid, so export, packing and a resumed job need nothing
 new.
+
+``quant.round_drop`` adds QDrop (Wei et al. 2022, "QDrop: Randomly Dropping Quantization for Extremely
+Low-bit Post-Training Quantization"): at every step each element of the layer's input is, with probability
+``drop``, the float network's (here the teacher's) instead of the quantized network's, as QDrop's
+``layer_reconstruction`` mixes ``cur_inp`` and ``cur_sym`` (its ``input_prob`` is ``1 - drop``). Why here:
+the rounding is learnt on synthetic images and judged on real ones, and QDrop's case is that a rounding
+learnt against a mix of quantized and float inputs sits in a flatter minimum that carries better from
+calibration data to test data.
 """
 
 from __future__ import annotations
@@ -108,6 +116,15 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> to
     return F.linear(x, weight, layer.bias)
 
 
+def drop_quantization(
+    quantized: torch.Tensor, float_: torch.Tensor, drop: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """QDrop's input: each element the float one with probability ``drop``, else the quantized one."""
+    # drawn on the CPU, where the reconstruction's seeded generator lives, then moved
+    pick = (torch.rand(quantized.shape, generator=generator) < drop).to(quantized.device)
+    return torch.where(pick, float_, quantized)
+
+
 def reconstruct(
     layer: QuantLayer,
     inputs: torch.Tensor,
@@ -117,10 +134,16 @@ def reconstruct(
     batch_size: int,
     lr: float = 1e-3,
     generator: torch.Generator | None = None,
+    float_inputs: torch.Tensor | None = None,
+    drop: float = 0.0,
 ) -> dict[str, float]:
     """Learn ``layer``'s rounding so ``layer(inputs)`` (its quantized input) reproduces ``targets`` (the
-    float network's output), then write the rounded weights back. Returns the output error before
-    (nearest rounding) and after, over all ``inputs``, and the share of weights rounded unlike nearest."""
+    float network's output), then write the rounded weights back. With ``drop`` > 0 each step's inputs
+    are mixed with ``float_inputs`` (:func:`drop_quantization`); the errors reported are on the quantized
+    inputs alone, the path the deployed model takes. Returns the output error before (nearest rounding)
+    and after, over all ``inputs``, and the share of weights rounded unlike nearest."""
+    if drop and float_inputs is None:
+        raise ValueError("reconstruct: drop > 0 needs float_inputs to mix in")
     soft = SoftRounding.of(layer)
     w = channel_weight.view(1, -1, *([1] * (targets.dim() - 2))) if channel_weight is not None else None
 
@@ -141,7 +164,10 @@ def reconstruct(
     n = len(inputs)
     for step in range(iters):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
-        out = layer_forward(layer, inputs[idx], soft.weight())
+        x = inputs[idx]
+        if drop:
+            x = drop_quantization(x, float_inputs[idx], drop, generator)
+        out = layer_forward(layer, x, soft.weight())
         loss = error(out, targets[idx])
         beta = beta_at(step, iters)
         if beta is not None:
@@ -189,14 +215,14 @@ MAX_CAPTURE_BYTES = 8 * 2**30
 
 def _layer_calls(
     model: nn.Module, input_shape: tuple[int, ...], kinds: tuple[type, ...]
-) -> list[tuple[str, int]]:
-    """``(name, input plus output elements per image)`` of every call to a ``kinds`` module in one probe
-    forward, in call order."""
+) -> list[tuple[str, int, int]]:
+    """``(name, input elements, output elements)`` per image of every call to a ``kinds`` module in one
+    probe forward, in call order."""
     names = {m: n for n, m in model.named_modules()}
-    calls: list[tuple[str, int]] = []
+    calls: list[tuple[str, int, int]] = []
 
     def hook(m, inputs, out):
-        calls.append((names[m], inputs[0][0].numel() + out[0].numel()))
+        calls.append((names[m], inputs[0][0].numel(), out[0].numel()))
 
     probe_forward(
         model, input_shape, [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
@@ -204,19 +230,22 @@ def _layer_calls(
     return calls
 
 
-def capture_bytes(model: nn.Module, input_shape: tuple[int, ...], images: int) -> tuple[int, str]:
-    """The largest input-plus-output capture :func:`adaround` holds for one layer over ``images`` images
-    (float32), and that layer's name."""
+def capture_bytes(
+    model: nn.Module, input_shape: tuple[int, ...], images: int, float_inputs: bool = False
+) -> tuple[int, str]:
+    """The largest capture :func:`adaround` holds for one layer over ``images`` images (float32: the
+    input, the output and, with ``float_inputs`` (``quant.round_drop``), the float input too), and that
+    layer's name."""
     calls = _layer_calls(model, input_shape, (nn.Conv2d, nn.Linear))
     if not calls:
         return 0, ""
-    name, elements = max(calls, key=lambda c: c[1])
+    name, elements = max(((n, i * (2 if float_inputs else 1) + o) for n, i, o in calls), key=lambda c: c[1])
     return elements * 4 * images, name
 
 
 def call_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
     """Names of the weight layers in the order one forward calls them (named_modules order need not be)."""
-    return list(dict.fromkeys(n for n, _ in _layer_calls(model, input_shape, (QuantConv2d, QuantLinear))))
+    return list(dict.fromkeys(c[0] for c in _layer_calls(model, input_shape, (QuantConv2d, QuantLinear))))
 
 
 def adaround(
@@ -228,9 +257,11 @@ def adaround(
     lr: float = 1e-3,
     seed: int = 0,
     on_layer: Callable[[int, int, str, dict[str, float]], None] | None = None,
+    drop: float = 0.0,
 ) -> dict[str, dict[str, float]]:
     """Round every quantized weight layer of ``student`` in call order (module docstring); ``teacher`` is
-    the float model with the same module names. Returns each layer's :func:`reconstruct` figures."""
+    the float model with the same module names, and with ``drop`` > 0 (QDrop) also the source of each
+    layer's float inputs. Returns each layer's :func:`reconstruct` figures."""
     student.eval()
     teacher.eval()
     t_modules = dict(teacher.named_modules())
@@ -245,10 +276,11 @@ def adaround(
         layer = s_modules[name]
         x = capture(student, layer, images, capture_batch, "input")
         y = capture(teacher, t_modules[name], images, capture_batch, "output")
+        xf = capture(teacher, t_modules[name], images, capture_batch, "input") if drop else None
         bn = bn_after.get(name)
         cw = bn_scale(bn).pow(2).to(x.device) if bn is not None else None
         with torch.enable_grad():
-            report[name] = reconstruct(layer, x, y, cw, iters, batch_size, lr, gen)
+            report[name] = reconstruct(layer, x, y, cw, iters, batch_size, lr, gen, xf, drop)
         if on_layer is not None:
             on_layer(i + 1, len(names), name, report[name])
     return report

@@ -16,12 +16,13 @@ from dfq.quant.adaround import (
     call_order,
     capture,
     capture_bytes,
+    drop_quantization,
     reconstruct,
     rectified_sigmoid,
     rounding_regularizer,
 )
 from dfq.quant.consumers import sole_bn_after
-from dfq.quant.modules import QuantConv2d, QuantLinear
+from dfq.quant.modules import QuantConv2d, QuantLinear, set_calibration
 from dfq.quant.quantizer import quantize_to_int
 from dfq.spec import JobSpec, QuantSpec
 from dfq.validate import SpecError, validate_for_teacher
@@ -107,6 +108,42 @@ def test_channel_weight_decides_which_channels_are_reconstructed():
     assert errs["weighted"][0] == pytest.approx(float(errs["plain"][0]), rel=1e-5)
     assert errs["weighted"][0] < 0.5 * nearest[0]
     assert errs["weighted"][1:].sum() > 1.5 * errs["plain"][1:].sum()
+
+
+def test_drop_quantization_mixes_element_by_element():
+    quantized, float_ = torch.zeros(100, 100), torch.ones(100, 100)
+    mixed = drop_quantization(quantized, float_, 0.3, torch.Generator().manual_seed(0))
+    assert set(mixed.unique().tolist()) == {0.0, 1.0}  # every element one or the other, never a blend
+    assert float(mixed.mean()) == pytest.approx(0.3, abs=0.02)  # 10k draws: 4 standard deviations
+    again = drop_quantization(quantized, float_, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(mixed, again)  # the seeded generator decides
+    assert torch.equal(drop_quantization(quantized, float_, 0.0), quantized)
+
+
+def test_reconstruct_learns_from_the_float_inputs_it_drops_in():
+    """Quantized inputs that carry nothing (all zero) leave the reconstruction nothing to learn: only the
+    regulariser moves the rounding, and it ends on nearest. With QDrop's mix the float inputs show through,
+    and the rounding lowers the error on them. The reported errors stay on the quantized inputs."""
+    torch.manual_seed(1)
+    x = torch.randn(512, 4) @ torch.randn(4, 16)
+    zeros = torch.zeros_like(x)
+    err_on_float = {}
+    for drop in (0.0, 0.9):
+        layer = _layer(bits=3)
+        with torch.no_grad():
+            target = nn.functional.linear(x, layer.weight, layer.bias)
+            nearest = (layer(x) - target).pow(2).sum(1).mean()
+        draws = torch.Generator().manual_seed(5)
+        figures = reconstruct(layer, zeros, target, None, 400, 64, 1e-2, draws, x, drop)
+        assert figures["err_rounded"] == pytest.approx(figures["err_nearest"])  # both: bias against target
+        with torch.no_grad():
+            err_on_float[drop] = float((layer(x) - target).pow(2).sum(1).mean() / nearest)
+        if drop == 0.0:
+            assert figures["changed"] == 0
+    assert err_on_float[0.0] == pytest.approx(1.0)
+    assert err_on_float[0.9] < 0.8
+    with pytest.raises(ValueError, match="drop > 0 needs float_inputs"):
+        reconstruct(_layer(), zeros, zeros[:, :6], None, 1, 8, drop=0.5)
 
 
 class _Net(nn.Module):
@@ -206,6 +243,37 @@ def test_pipeline_cancel_while_rounding(tiny_teacher, tiny_spec):
     assert "rounded" not in pipe.history
 
 
+def test_round_drop_needs_adaround_and_unequalised_channels():
+    with pytest.raises(ValueError, match=r"round_drop needs quant\.weight_round 'adaround'"):
+        QuantSpec(round_drop=0.5)
+    with pytest.raises(ValueError, match=r"round_drop needs quant\.act_equalize 'none'"):
+        QuantSpec(weight_round="adaround", round_drop=0.5, act_clip="bn-mse", act_equalize="depthwise")
+    with pytest.raises(ValueError):
+        QuantSpec(weight_round="adaround", round_drop=1.0)  # all float: nothing of the quantized path left
+    assert QuantSpec(weight_round="adaround", round_drop=0.5).round_drop == 0.5
+
+
+def test_adaround_with_drop_mixes_in_the_teachers_inputs():
+    """With activations quantized the student's inputs to ``b`` and ``fc`` differ from the teacher's, so
+    QDrop's mix changes what those layers learn; every layer still ends on its grid."""
+    torch.manual_seed(3)
+    net = _Net().eval()
+    x = torch.randn(128, 3, 8, 8)
+    weights = {}
+    for drop in (0.0, 0.5):
+        student = quantize(net, QuantSpec(w_bits=3, a_bits=3))
+        set_calibration(student, True)
+        with torch.no_grad():
+            student(x)
+        set_calibration(student, False)
+        adaround(student, net, x, iters=200, lr=1e-2, drop=drop)
+        weights[drop] = {n: m.weight.detach().clone() for n, m in student.named_modules() if n in ("b", "fc")}
+        for m in student.modules():
+            if isinstance(m, QuantConv2d | QuantLinear):
+                assert torch.allclose(m.quantized_weight(), m.weight, atol=1e-6)
+    assert any(not torch.equal(weights[0.0][n], weights[0.5][n]) for n in ("b", "fc"))
+
+
 def test_round_data_needs_adaround_and_marks_real_data():
     with pytest.raises(ValueError, match=r"round_data needs quant\.weight_round 'adaround'"):
         QuantSpec(round_data="fashion-mnist-train")
@@ -222,6 +290,8 @@ def test_capture_bytes_is_the_largest_layer_input_plus_output():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(256, 10))
     # conv: 1x8x8 in + 4x8x8 out = 320 floats; linear: 256 + 10; float32, 100 images
     assert capture_bytes(model, (1, 8, 8), 100) == (320 * 4 * 100, "0")
+    # with QDrop's float inputs held too: conv 64 + 320 = 384, linear 256 + 266 = 522, the larger
+    assert capture_bytes(model, (1, 8, 8), 100, float_inputs=True) == (522 * 4 * 100, "3")
 
 
 def test_validation_refuses_a_rounding_capture_over_the_cap(tiny_teacher):
@@ -259,6 +329,10 @@ def test_model_card_names_where_the_rounding_images_came_from():
     assert row({}) == "nearest | real data used: False"
     assert row({"weight_round": "adaround"}) == (
         "adaround (1000 steps per layer on 1024 images from generator) | real data used: False"
+    )
+    assert row({"weight_round": "adaround", "round_drop": 0.5}) == (
+        "adaround (1000 steps per layer on 1024 images from generator, QDrop input drop 0.5) | real data "
+        "used: False"
     )
     assert row({"weight_round": "adaround", "round_data": "fashion-mnist-train"}) == (
         "adaround (1000 steps per layer on 1024 images from fashion-mnist-train) | real data used: True"
