@@ -2,7 +2,17 @@ import pytest
 import torch
 
 from dfq.models.registry import build_model
+from dfq.quant import set_calibration
 from dfq.spec import JobSpec
+
+
+def calibrate(student: torch.nn.Module, x: torch.Tensor, steps: int = 2) -> None:
+    """Give every activation quantizer a range: ``steps`` forwards of ``x`` with calibration on, then off."""
+    set_calibration(student, True)
+    with torch.no_grad():
+        for _ in range(steps):
+            student(x)
+    set_calibration(student, False)
 
 
 @pytest.fixture

@@ -22,10 +22,11 @@ from dfq.quant.adaround import (
     rounding_regularizer,
 )
 from dfq.quant.consumers import sole_bn_after
-from dfq.quant.modules import QuantConv2d, QuantLinear, set_calibration
+from dfq.quant.modules import QuantConv2d, QuantLinear
 from dfq.quant.quantizer import quantize_to_int
 from dfq.spec import JobSpec, QuantSpec
 from dfq.validate import SpecError, validate_for_teacher
+from tests.dfq.conftest import calibrate
 
 
 def test_rectified_sigmoid_by_hand():
@@ -262,10 +263,7 @@ def test_adaround_with_drop_mixes_in_the_teachers_inputs():
     weights = {}
     for drop in (0.0, 0.5):
         student = quantize(net, QuantSpec(w_bits=3, a_bits=3))
-        set_calibration(student, True)
-        with torch.no_grad():
-            student(x)
-        set_calibration(student, False)
+        calibrate(student, x, steps=1)
         adaround(student, net, x, iters=200, lr=1e-2, drop=drop)
         weights[drop] = {n: m.weight.detach().clone() for n, m in student.named_modules() if n in ("b", "fc")}
         for m in student.modules():

@@ -3,23 +3,16 @@ import torch
 from torch import nn
 
 from dfq.models.registry import build_model
-from dfq.quant import ActQuant, QuantLayer, activation_ranges, quantize, set_calibration
+from dfq.quant import ActQuant, QuantLayer, activation_ranges, quantize
 from dfq.spec import QuantSpec
-
-
-def _calibrate(student, x, steps=2):
-    set_calibration(student, True)
-    with torch.no_grad():
-        for _ in range(steps):
-            student(x)
-    set_calibration(student, False)
+from tests.dfq.conftest import calibrate
 
 
 def test_teacher_is_never_mutated():
     teacher = build_model("resnet20", 10, 1)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = quantize(teacher, QuantSpec(w_bits=4, a_bits=4))
-    _calibrate(student, torch.randn(4, 1, 28, 28))
+    calibrate(student, torch.randn(4, 1, 28, 28))
     assert not any(isinstance(m, QuantLayer | ActQuant) for m in teacher.modules())
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -47,7 +40,7 @@ def test_shared_relu_module_gets_one_quantizer_per_call_site():
     teacher = build_model("resnet18", 10, 3)
     student = quantize(teacher, QuantSpec(w_bits=8, a_bits=8))
     assert sum(isinstance(m, ActQuant) for m in student.modules()) == 1 + 8 * 2
-    _calibrate(student, torch.randn(2, 3, 32, 32))
+    calibrate(student, torch.randn(2, 3, 32, 32))
     ranges = activation_ranges(student)
     block = {k: v for k, v in ranges.items() if k.startswith("layer1.0.")}
     assert len(block) == 2 and len(set(block.values())) == 2
@@ -87,7 +80,7 @@ def test_float_bits_reproduce_the_teacher_exactly(arch, shape):
     teacher = build_model(arch, 10, shape[0])
     student = quantize(teacher, QuantSpec(w_bits=32, a_bits=32))
     x = torch.randn(3, *shape)
-    _calibrate(student, x, 1)
+    calibrate(student, x, 1)
     with torch.no_grad():
         assert torch.equal(student(x), teacher(x))
 
@@ -101,7 +94,7 @@ def test_8bit_student_is_close_and_4bit_further():
     errs = {}
     for bits in (8, 4):
         s = quantize(teacher, QuantSpec(w_bits=bits, a_bits=bits))
-        _calibrate(s, x)
+        calibrate(s, x)
         with torch.no_grad():
             errs[bits] = (s(x) - ref).abs().mean().item() / ref.abs().mean().item()
     assert errs[8] < 0.05 < errs[4]

@@ -9,10 +9,11 @@ from safetensors import safe_open
 
 from dfq.models.checkpoint import CheckpointError
 from dfq.models.registry import build_model
-from dfq.quant import QuantLayer, quantize, set_calibration
+from dfq.quant import QuantLayer, quantize
 from dfq.quant.packed import FrozenWeight, load_packed, load_packed_into, save_packed
 from dfq.quant.packing import pack_codes, packed_nbytes, unpack_codes
 from dfq.spec import JobSpec, QuantSpec
+from tests.dfq.conftest import calibrate
 
 
 def test_three_bit_codes_pack_little_endian_by_hand():
@@ -59,10 +60,7 @@ def _student(bits, arch="resnet20", in_ch=1, size=16, per_channel=True):
     with torch.no_grad():
         model(torch.randn(8, in_ch, size, size))  # non-trivial BN statistics
     student = quantize(model.eval(), QuantSpec(w_bits=bits, a_bits=bits, per_channel=per_channel))
-    set_calibration(student, True)
-    with torch.no_grad():
-        student(torch.randn(8, in_ch, size, size))
-    set_calibration(student, False)
+    calibrate(student, torch.randn(8, in_ch, size, size), steps=1)
     return student.eval()
 
 
