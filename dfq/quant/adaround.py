@@ -189,13 +189,18 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def capture(
-    model: nn.Module, module: nn.Module, images: torch.Tensor, batch_size: int, what: str
-) -> torch.Tensor:
-    """``module``'s input (``what="input"``) or output over ``images``, the forward stopped right there."""
-    got: list[torch.Tensor] = []
+    model: nn.Module, module: nn.Module, images: torch.Tensor, batch_size: int, *what: str
+) -> tuple[torch.Tensor, ...]:
+    """``module``'s input and/or output over ``images``, one tensor per name in ``what`` ("input",
+    "output"), the forward stopped right there. Several names share one forward, so QDrop's float input
+    and the target come from a single pass of the teacher."""
+    if not what or set(what) - {"input", "output"}:
+        raise ValueError(f"capture: what must name 'input' and/or 'output', got {what}")
+    got: list[list[torch.Tensor]] = [[] for _ in what]
 
     def hook(m, inputs, out):
-        got.append((inputs[0] if what == "input" else out).detach().float())
+        for kept, w in zip(got, what, strict=True):
+            kept.append((inputs[0] if w == "input" else out).detach().float())
         raise _Stop
 
     handle = module.register_forward_hook(hook)
@@ -205,7 +210,7 @@ def capture(
                 model(x)
     finally:
         handle.remove()
-    return torch.cat(got)
+    return tuple(torch.cat(kept) for kept in got)
 
 
 # The captured inputs and targets of one layer are held whole (float32) while it is reconstructed: a cap, so
@@ -274,9 +279,10 @@ def adaround(
     capture_batch = 128
     for i, name in enumerate(names):
         layer = s_modules[name]
-        x = capture(student, layer, images, capture_batch, "input")
-        y = capture(teacher, t_modules[name], images, capture_batch, "output")
-        xf = capture(teacher, t_modules[name], images, capture_batch, "input") if drop else None
+        (x,) = capture(student, layer, images, capture_batch, "input")
+        wanted = ("output", "input") if drop else ("output",)
+        y, *rest = capture(teacher, t_modules[name], images, capture_batch, *wanted)
+        xf = rest[0] if rest else None
         bn = bn_after.get(name)
         cw = bn_scale(bn).pow(2).to(x.device) if bn is not None else None
         with torch.enable_grad():

@@ -172,8 +172,21 @@ def test_capture_returns_the_module_input_and_output():
     x = torch.randn(10, 3, 8, 8)
     with torch.no_grad():
         a = net.a(x)
-    assert torch.allclose(capture(net, net.b, x, 4, "input"), a)
-    assert torch.allclose(capture(net, net.b, x, 4, "output"), net.b(a))
+    assert torch.allclose(capture(net, net.b, x, 4, "input")[0], a)
+    assert torch.allclose(capture(net, net.b, x, 4, "output")[0], net.b(a))
+    out, inp = capture(net, net.b, x, 4, "output", "input")
+    assert torch.allclose(out, net.b(a)) and torch.allclose(inp, a)
+
+
+def test_capture_takes_both_tensors_from_one_forward():
+    net = _Net().eval()
+    calls = []
+    handle = net.a.register_forward_hook(lambda m, i, o: calls.append(1))
+    capture(net, net.b, torch.randn(10, 3, 8, 8), 4, "output", "input")
+    handle.remove()
+    assert len(calls) == 3  # three batches of at most 4 images, one forward each
+    with pytest.raises(ValueError, match=r"input.*output"):
+        capture(net, net.b, torch.randn(2, 3, 8, 8), 4, "weight")
 
 
 def test_adaround_rounds_every_layer_and_lowers_the_network_error():
