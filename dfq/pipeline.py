@@ -30,7 +30,7 @@ from dfq.quant import ActQuant, quantize, set_calibration
 from dfq.quant.adaround import adaround
 from dfq.quant.bias_correct import bias_correct
 from dfq.quant.bn_ranges import set_ranges_from_bn
-from dfq.quant.modules import FLOAT_BITS
+from dfq.quant.modules import FLOAT_BITS, float_twin
 from dfq.quant.squant import squant
 from dfq.spec import JobSpec, same_spec
 from dfq.speed import as_float32, autocast, compile_networks, set_memory_format
@@ -483,6 +483,7 @@ class Pipeline:
                 seed=self.spec.seed,
                 on_layer=on_layer,
                 drop=q.round_drop,
+                float_model=float_twin(self.student) if q.round_drop and q.act_equalize != "none" else None,
             )
         self.history["rounded"] = report
         if b.eval_every:

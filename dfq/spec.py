@@ -133,11 +133,6 @@ class QuantSpec(_Strict):
             raise ValueError(
                 "quant.round_drop needs quant.weight_round 'adaround': it mixes adaround's inputs"
             )
-        if self.round_drop and self.act_equalize != "none":
-            raise ValueError(
-                "quant.round_drop needs quant.act_equalize 'none': the float inputs it mixes in are the "
-                "teacher's, and act_equalize rescales the student's channels away from them"
-            )
         if self.act_equalize != "none":
             if self.act_clip != "bn-mse":
                 raise ValueError(

@@ -32,7 +32,10 @@ Low-bit Post-Training Quantization"): at every step each element of the layer's 
 ``layer_reconstruction`` mixes ``cur_inp`` and ``cur_sym`` (its ``input_prob`` is ``1 - drop``). Why here:
 the rounding is learnt on synthetic images and judged on real ones, and QDrop's case is that a rounding
 learnt against a mix of quantized and float inputs sits in a flatter minimum that carries better from
-calibration data to test data.
+calibration data to test data. The float network is the teacher, except where ``quant.act_equalize``
+rescaled the student's channels: there the teacher's activations are in other units than the student's, so
+the float inputs come from the student's float twin (:func:`dfq.quant.modules.float_twin`, the rescaled
+network with quantization off), as QDrop's come from its own model with quantization off.
 """
 
 from __future__ import annotations
@@ -263,14 +266,17 @@ def adaround(
     seed: int = 0,
     on_layer: Callable[[int, int, str, dict[str, float]], None] | None = None,
     drop: float = 0.0,
+    float_model: nn.Module | None = None,
 ) -> dict[str, dict[str, float]]:
     """Round every quantized weight layer of ``student`` in call order (module docstring); ``teacher`` is
     the float model with the same module names, and with ``drop`` > 0 (QDrop) also the source of each
-    layer's float inputs. Returns each layer's :func:`reconstruct` figures."""
+    layer's float inputs unless ``float_model`` (same names; the student's float twin where its channels
+    were rescaled) is given. Returns each layer's :func:`reconstruct` figures."""
     student.eval()
     teacher.eval()
     t_modules = dict(teacher.named_modules())
     s_modules = dict(student.named_modules())
+    f_modules = dict(float_model.named_modules()) if float_model is not None else {}
     shape = tuple(images.shape[1:])
     bn_after = sole_bn_after(teacher, shape)
     names = [n for n in call_order(student, shape) if s_modules[n].w_bits < FLOAT_BITS and n in t_modules]
@@ -280,9 +286,11 @@ def adaround(
     for i, name in enumerate(names):
         layer = s_modules[name]
         (x,) = capture(student, layer, images, capture_batch, "input")
-        wanted = ("output", "input") if drop else ("output",)
-        y, *rest = capture(teacher, t_modules[name], images, capture_batch, *wanted)
+        from_teacher = ("output", "input") if drop and float_model is None else ("output",)
+        y, *rest = capture(teacher, t_modules[name], images, capture_batch, *from_teacher)
         xf = rest[0] if rest else None
+        if drop and float_model is not None:
+            (xf,) = capture(float_model, f_modules[name], images, capture_batch, "input")
         bn = bn_after.get(name)
         cw = bn_scale(bn).pow(2).to(x.device) if bn is not None else None
         with torch.enable_grad():

@@ -6,6 +6,7 @@ student's ``state_dict`` is its complete quantization state.
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -170,6 +171,21 @@ def set_calibration(model: nn.Module, on: bool) -> None:
     for m in model.modules():
         if isinstance(m, ActQuant):
             m.calibrating = on
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """A copy of a quantized model with every weight and activation quantizer off: the float network in
+    the student's own units. Why: QDrop takes its float inputs from the model being quantized with
+    quantization switched off, and where ``quant.act_equalize`` rescaled the student's channels the
+    teacher's activations are in other units than the student's."""
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, QuantLayer):
+            m.w_bits = FLOAT_BITS
+        elif isinstance(m, ActQuant):
+            m.bits = FLOAT_BITS
+            m.calibrating = False
+    return twin.eval()
 
 
 def activation_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:

@@ -7,9 +7,11 @@ from torch import nn
 from dfq.models.teachers import load_bundled
 from dfq.pipeline import Pipeline
 from dfq.quant import ActQuant, quantize
+from dfq.quant.adaround import adaround, capture
 from dfq.quant.bn_ranges import set_ranges_from_bn
 from dfq.quant.consumers import sole_consumers
 from dfq.quant.equalize import channel_mse_upper, depthwise_consumer
+from dfq.quant.modules import FLOAT_BITS, QuantLayer, float_twin
 from dfq.spec import JobSpec, QuantSpec
 
 
@@ -91,6 +93,36 @@ def test_equalised_student_is_per_channel_activation_quantization():
     torch.testing.assert_close(student(x), reference(x), rtol=1e-5, atol=1e-5)
     # and the ReLU6 case was exercised: channel 1 (beta 5) passes 6 on some pixels before the rescale
     assert (reference.stem[1](reference.stem[0](x))[:, 1] > 6).any()
+
+
+def test_qdrop_float_inputs_are_in_the_equalised_students_units():
+    """QDrop mixes float inputs into the quantized ones element by element, so both must be in one unit.
+    After equalisation the depthwise conv's input is the teacher's divided by e per channel (below the
+    ReLU6 clamp); the student's float twin gives that, the teacher does not."""
+    net = _Net().eval()
+    student, rules = _student(net, equalize=True)
+    assert _equalised(rules) == ["stem.2.1"]
+    e = (net.stem[1].weight / student.stem[1].weight).view(1, -1, 1, 1)
+    x = torch.randn(64, 3, 8, 8) * 2
+    twin = float_twin(student)
+    assert all(m.w_bits == FLOAT_BITS for m in twin.modules() if isinstance(m, QuantLayer))
+    assert student.dw[0].w_bits == 4  # the student itself keeps its quantizers
+    (quantized,) = capture(student, student.dw[0], x, 32, "input")
+    (in_twin,) = capture(twin, twin.dw[0], x, 32, "input")
+    (in_teacher,) = capture(net, net.dw[0], x, 32, "input")
+    below = in_teacher < 6 * e  # where the rescaled ReLU6 does not clamp
+    assert below.float().mean() > 0.5
+    torch.testing.assert_close((in_twin * e)[below], in_teacher[below], rtol=1e-5, atol=1e-6)
+    assert (quantized - in_twin).abs().mean() < 0.5 * (quantized - in_teacher).abs().mean()
+    # and adaround takes its float inputs from the twin when given one: other inputs, other codes
+    codes = {}
+    for source in ("teacher", "twin"):
+        s, _ = _student(net, equalize=True)
+        adaround(
+            s, net, x, iters=100, lr=1e-2, drop=0.5, float_model=float_twin(s) if source == "twin" else None
+        )
+        codes[source] = s.dw[0].weight.detach().clone()
+    assert not torch.equal(codes["teacher"], codes["twin"])
 
 
 def test_bundled_mobilenet_sites_and_resnets_have_none():
