@@ -148,6 +148,30 @@ def test_a_job_equalises_at_start(tiny_spec):
     assert JobSpec.model_validate(spec.canonical()).quant.act_equalize == "depthwise"
 
 
+def test_a_job_rounds_an_equalised_student_against_its_twins_inputs(tiny_spec, monkeypatch):
+    import dfq.pipeline
+
+    twins = []
+
+    def recorded(model: nn.Module) -> nn.Module:  # the real float_twin, its result kept for the asserts
+        twins.append(float_twin(model))
+        return twins[-1]
+
+    monkeypatch.setattr(dfq.pipeline, "float_twin", recorded)
+    model, info = load_bundled("mobilenetv2_fmnist")
+    quant = {"act_clip": "bn-mse", "act_equalize": "depthwise", "weight_round": "adaround"}
+    quant |= {"round_drop": 0.5, "round_iters": 2, "round_images": 32}
+    spec = tiny_spec.model_copy(update={"quant": tiny_spec.quant.model_copy(update=quant)})
+    pipe = Pipeline(spec, model, 10, info.input_shape, "cpu")
+    pipe.run()
+    assert len(pipe.history["rounded"]) == 53 and len(twins) == 1
+    stem_bn = twins[0].features[0][1]  # rescaled, as the student's, not the teacher's
+    assert torch.equal(stem_bn.weight, pipe.student.features[0][1].weight)
+    assert not torch.equal(stem_bn.weight, model.features[0][1].weight)
+    assert all(m.bits == FLOAT_BITS for m in twins[0].modules() if isinstance(m, ActQuant))
+    assert pipe.student.features[0][2][1].bits == 4  # a copy: the student keeps its quantizers
+
+
 def test_spec_refuses_equalising_without_bn_ranges_or_per_channel_weights():
     assert JobSpec.model_validate({}).quant.act_equalize == "none"
     with pytest.raises(ValueError, match="act_clip 'bn-mse'"):
