@@ -53,7 +53,7 @@ def _switches(spec: JobSpec) -> list[list[Any]]:
             "weight rounding",
             q.weight_round
             + (
-                f" ({q.round_iters} steps per layer on {q.round_images} images from {q.round_data}"
+                f" ({q.round_iters} steps per {q.round_unit} on {q.round_images} images from {q.round_data}"
                 + (f", QDrop input drop {q.round_drop:g}" if q.round_drop else "")
                 + ")"
                 if q.weight_round == "adaround"

@@ -483,6 +483,7 @@ class Pipeline:
                 seed=self.spec.seed,
                 on_layer=on_layer,
                 drop=q.round_drop,
+                by=q.round_unit,
                 float_model=float_twin(self.student) if q.round_drop and q.act_equalize != "none" else None,
             )
         self.history["rounded"] = report

@@ -95,6 +95,12 @@ class QuantSpec(_Strict):
         "reconstruction takes from the float network instead of the quantized one (QDrop, Wei et al. "
         "2022; its code's 1 - input_prob, 0.5 there). 0: AdaRound's quantized input only",
     )
+    round_unit: Literal["layer", "block"] = Field(
+        "layer",
+        description="adaround: what is reconstructed at a time: layer (AdaRound: each Conv2d/Linear against "
+        "its own output) or block (BRECQ, Li et al. 2021, as QDrop: the weight layers of a residual block "
+        "learn their rounding together against the block's output, its activation quantizers on)",
+    )
     round_data: str = Field(
         "generator",
         min_length=1,
@@ -128,6 +134,10 @@ class QuantSpec(_Strict):
             raise ValueError(
                 "quant.round_data needs quant.weight_round 'adaround' or quant.bias_correct: only they "
                 "use images after training"
+            )
+        if self.round_unit != "layer" and self.weight_round != "adaround":
+            raise ValueError(
+                "quant.round_unit needs quant.weight_round 'adaround': it says what adaround reconstructs"
             )
         if self.round_drop and self.weight_round != "adaround":
             raise ValueError(

@@ -53,11 +53,13 @@ def validate_for_teacher(
         raise SpecError("method.lrq.ama", "the teacher has no final Linear layer to take class centers from")
     q = spec.quant
     if q.weight_round == "adaround":
-        need, layer = capture_bytes(model, input_shape, q.round_images, float_inputs=q.round_drop > 0)
+        need, layer = capture_bytes(
+            model, input_shape, q.round_images, float_inputs=q.round_drop > 0, by=q.round_unit
+        )
         if need > MAX_CAPTURE_BYTES:
             raise SpecError(
                 "quant.round_images",
-                f"{q.round_images} images make layer {layer!r}'s captured inputs and outputs {need / 2**30:.1f} GiB, "
+                f"{q.round_images} images make {layer!r}'s captured inputs and outputs {need / 2**30:.1f} GiB, "
                 f"over the {MAX_CAPTURE_BYTES / 2**30:.0f} GiB adaround holds; use at most "
                 f"{q.round_images * MAX_CAPTURE_BYTES // need} images",
             )

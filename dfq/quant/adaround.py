@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfq.quant.consumers import bn_scale, sole_bn_after
-from dfq.quant.modules import FLOAT_BITS, QuantConv2d, QuantLayer, QuantLinear
+from dfq.quant.modules import FLOAT_BITS, ActQuant, QuantConv2d, QuantLayer
 from dfq.quant.probe import probe_forward
 from dfq.quant.quantizer import int_range, weight_grid
 
@@ -128,6 +128,35 @@ def drop_quantization(
     return torch.where(pick, float_, quantized)
 
 
+@contextlib.contextmanager
+def _patched_forwards(modules: list[nn.Module], forwards: list[Callable[[torch.Tensor], torch.Tensor]]):
+    """Give each module another forward for the duration (an instance attribute, which ``nn.Module``'s
+    call takes before the class's), so a block's own forward (a traced graph, say) runs through them."""
+    for m, f in zip(modules, forwards, strict=True):
+        m.forward = f
+    try:
+        yield
+    finally:
+        for m in modules:
+            del m.forward
+
+
+def _soft_forward(layer: QuantLayer, soft: SoftRounding) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: layer_forward(layer, x, soft.weight())
+
+
+def _hard_forward(layer: QuantLayer, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: layer_forward(layer, x, weight)
+
+
+def _dropped_forward(
+    quantizer: ActQuant, drop: float, generator: torch.Generator | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """QDrop inside a block: the activation quantizer's output, each element kept float with ``drop``."""
+    quantize_ = type(quantizer).forward.__get__(quantizer)
+    return lambda x: drop_quantization(quantize_(x), x, drop, generator)
+
+
 def reconstruct(
     layer: QuantLayer,
     inputs: torch.Tensor,
@@ -141,49 +170,81 @@ def reconstruct(
     drop: float = 0.0,
 ) -> dict[str, float]:
     """Learn ``layer``'s rounding so ``layer(inputs)`` (its quantized input) reproduces ``targets`` (the
-    float network's output), then write the rounded weights back. With ``drop`` > 0 each step's inputs
-    are mixed with ``float_inputs`` (:func:`drop_quantization`); the errors reported are on the quantized
-    inputs alone, the path the deployed model takes. Returns the output error before (nearest rounding)
-    and after, over all ``inputs``, and the share of weights rounded unlike nearest."""
+    float network's output), then write the rounded weights back: :func:`reconstruct_unit` with the
+    layer as its own unit."""
+    return reconstruct_unit(
+        layer, [layer], inputs, targets, channel_weight, iters, batch_size, lr, generator, float_inputs, drop
+    )
+
+
+def reconstruct_unit(
+    unit: nn.Module,
+    layers: list[QuantLayer],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    channel_weight: torch.Tensor | None,
+    iters: int,
+    batch_size: int,
+    lr: float = 1e-3,
+    generator: torch.Generator | None = None,
+    float_inputs: torch.Tensor | None = None,
+    drop: float = 0.0,
+) -> dict[str, float]:
+    """Learn the rounding of every layer in ``layers`` (all inside ``unit``, or ``unit`` itself) together,
+    so ``unit(inputs)`` (its quantized input; the unit's own activation quantizers on) reproduces
+    ``targets`` (the float network's output of the unit), then write the rounded weights back. The
+    regulariser sums over the layers, as BRECQ's block loss does. With ``drop`` > 0 each step's inputs are
+    mixed with ``float_inputs`` (:func:`drop_quantization`), and so is the output of every activation
+    quantizer inside the unit (QDrop drops each quantizer of the block it reconstructs); the errors reported
+    are on the quantized path alone, the path the deployed model takes. Returns the output error before
+    (nearest rounding) and after, over all ``inputs``, and the share of weights rounded unlike nearest."""
     if drop and float_inputs is None:
         raise ValueError("reconstruct: drop > 0 needs float_inputs to mix in")
-    soft = SoftRounding.of(layer)
+    softs = [SoftRounding.of(layer) for layer in layers]
     w = channel_weight.view(1, -1, *([1] * (targets.dim() - 2))) if channel_weight is not None else None
+    quantizers = [m for m in unit.modules() if isinstance(m, ActQuant)] if drop else []
 
     def error(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         sq = (out - tgt).pow(2)
         return (sq * w if w is not None else sq).sum(1).mean()  # BRECQ's lp_loss: sum over channels
 
     @torch.no_grad()
-    def full_error(weight: torch.Tensor) -> float:
-        chunks = [
-            error(layer_forward(layer, x, weight), t) * len(x)
-            for x, t in zip(inputs.split(batch_size), targets.split(batch_size), strict=True)
-        ]
+    def full_error(weights: list[torch.Tensor]) -> float:
+        with _patched_forwards(
+            layers, [_hard_forward(la, wt) for la, wt in zip(layers, weights, strict=True)]
+        ):
+            chunks = [
+                error(unit(x), t) * len(x)
+                for x, t in zip(inputs.split(batch_size), targets.split(batch_size), strict=True)
+            ]
         return float(sum(chunks) / len(inputs))
 
-    before = full_error((soft.nearest + soft.zp) / soft.scale)
-    opt = torch.optim.Adam([soft.v], lr=lr)
+    before = full_error([(s.nearest + s.zp) / s.scale for s in softs])
+    opt = torch.optim.Adam([s.v for s in softs], lr=lr)
     n = len(inputs)
-    for step in range(iters):
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
-        x = inputs[idx]
-        if drop:
-            x = drop_quantization(x, float_inputs[idx], drop, generator)
-        out = layer_forward(layer, x, soft.weight())
-        loss = error(out, targets[idx])
-        beta = beta_at(step, iters)
-        if beta is not None:
-            loss = loss + REG_WEIGHT * rounding_regularizer(soft.h(), beta)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    forwards = [_soft_forward(la, s) for la, s in zip(layers, softs, strict=True)]
+    forwards += [_dropped_forward(q, drop, generator) for q in quantizers]
+    with _patched_forwards([*layers, *quantizers], forwards):
+        for step in range(iters):
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
+            x = inputs[idx]
+            if drop:
+                x = drop_quantization(x, float_inputs[idx], drop, generator)
+            loss = error(unit(x), targets[idx])
+            beta = beta_at(step, iters)
+            if beta is not None:
+                loss = loss + REG_WEIGHT * sum(rounding_regularizer(s.h(), beta) for s in softs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     with torch.no_grad():
-        hard = soft.weight(hard=True)
+        hard = [s.weight(hard=True) for s in softs]
         after = full_error(hard)
-        changed = float((soft.codes(hard=True) != soft.nearest).float().mean())
-        layer.weight.copy_(hard)
-    return {"err_nearest": before, "err_rounded": after, "changed": changed}
+        changed = sum(float((s.codes(hard=True) != s.nearest).sum()) for s in softs)
+        total = sum(s.v.numel() for s in softs)
+        for layer, wt in zip(layers, hard, strict=True):
+            layer.weight.copy_(wt)
+    return {"err_nearest": before, "err_rounded": after, "changed": changed / total}
 
 
 class _Stop(Exception):
@@ -222,10 +283,10 @@ MAX_CAPTURE_BYTES = 8 * 2**30
 
 
 def _layer_calls(
-    model: nn.Module, input_shape: tuple[int, ...], kinds: tuple[type, ...]
+    model: nn.Module, input_shape: tuple[int, ...], kinds: tuple[type, ...], only: set[str] | None = None
 ) -> list[tuple[str, int, int]]:
-    """``(name, input elements, output elements)`` per image of every call to a ``kinds`` module in one
-    probe forward, in call order."""
+    """``(name, input elements, output elements)`` per image of every call to a ``kinds`` module (or, with
+    ``only``, to the modules of those names) in one probe forward, in call order."""
     names = {m: n for n, m in model.named_modules()}
     calls: list[tuple[str, int, int]] = []
 
@@ -233,27 +294,67 @@ def _layer_calls(
         calls.append((names[m], inputs[0][0].numel(), out[0].numel()))
 
     probe_forward(
-        model, input_shape, [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+        model,
+        input_shape,
+        [
+            m.register_forward_hook(hook)
+            for m, n in names.items()
+            if (n in only if only is not None else isinstance(m, kinds))
+        ],
     )
     return calls
 
 
+def rounding_units(
+    model: nn.Module, input_shape: tuple[int, ...], by: str = "layer"
+) -> list[tuple[str, list[str]]]:
+    """``(unit, its weight layers)`` in the order one forward first reaches them: with ``by`` "layer" each
+    Conv2d/Linear is its own unit (AdaRound); with "block" every weight layer inside a block is reconstructed
+    with the rest of its block (BRECQ, Li et al. 2021, which QDrop follows). A block is the outermost module
+    that is not a container (``nn.Sequential`` and its subclasses, such as torchvision's
+    ``Conv2dNormActivation``, ``nn.ModuleList``, ``nn.ModuleDict``) and holds two weight layers or more:
+    a ResNet's BasicBlock or Bottleneck, a MobileNetV2 InvertedResidual; layers outside any block (a stem
+    conv, the classifier) stay units of their own."""
+    if by not in ("layer", "block"):
+        raise ValueError(f"rounding_units: by must be 'layer' or 'block', got {by!r}")
+    kinds = (nn.Conv2d, nn.Linear)
+    order = list(dict.fromkeys(c[0] for c in _layer_calls(model, input_shape, kinds)))
+    owner: dict[str, str] = {}
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if isinstance(child, kinds):
+                continue
+            inside = [f"{path}.{n}" for n, m in child.named_modules() if n and isinstance(m, kinds)]
+            if (
+                by == "layer"
+                or len(inside) < 2
+                or isinstance(child, nn.Sequential | nn.ModuleList | nn.ModuleDict)
+            ):
+                visit(f"{path}.", child)
+            else:
+                owner.update(dict.fromkeys(inside, path))
+
+    visit("", model)
+    units: dict[str, list[str]] = {}
+    for layer in order:
+        units.setdefault(owner.get(layer, layer), []).append(layer)
+    return list(units.items())
+
+
 def capture_bytes(
-    model: nn.Module, input_shape: tuple[int, ...], images: int, float_inputs: bool = False
+    model: nn.Module, input_shape: tuple[int, ...], images: int, float_inputs: bool = False, by: str = "layer"
 ) -> tuple[int, str]:
-    """The largest capture :func:`adaround` holds for one layer over ``images`` images (float32: the
-    input, the output and, with ``float_inputs`` (``quant.round_drop``), the float input too), and that
-    layer's name."""
-    calls = _layer_calls(model, input_shape, (nn.Conv2d, nn.Linear))
+    """The largest capture :func:`adaround` holds for one unit (:func:`rounding_units`) over ``images``
+    images (float32: the input, the output and, with ``float_inputs`` (``quant.round_drop``), the float
+    input too), and that unit's name."""
+    units = {name for name, _ in rounding_units(model, input_shape, by)}
+    calls = _layer_calls(model, input_shape, (nn.Conv2d, nn.Linear), units)
     if not calls:
         return 0, ""
     name, elements = max(((n, i * (2 if float_inputs else 1) + o) for n, i, o in calls), key=lambda c: c[1])
     return elements * 4 * images, name
-
-
-def call_order(model: nn.Module, input_shape: tuple[int, ...]) -> list[str]:
-    """Names of the weight layers in the order one forward calls them (named_modules order need not be)."""
-    return list(dict.fromkeys(c[0] for c in _layer_calls(model, input_shape, (QuantConv2d, QuantLinear))))
 
 
 def adaround(
@@ -267,11 +368,13 @@ def adaround(
     on_layer: Callable[[int, int, str, dict[str, float]], None] | None = None,
     drop: float = 0.0,
     float_model: nn.Module | None = None,
+    by: str = "layer",
 ) -> dict[str, dict[str, float]]:
-    """Round every quantized weight layer of ``student`` in call order (module docstring); ``teacher`` is
-    the float model with the same module names, and with ``drop`` > 0 (QDrop) also the source of each
-    layer's float inputs unless ``float_model`` (same names; the student's float twin where its channels
-    were rescaled) is given. Returns each layer's :func:`reconstruct` figures."""
+    """Round every quantized weight layer of ``student``, unit by unit (:func:`rounding_units` ``by``
+    "layer" or "block") in call order (module docstring); ``teacher`` is the float model with the same
+    module names, and with ``drop`` > 0 (QDrop) also the source of each unit's float inputs unless
+    ``float_model`` (same names; the student's float twin where its channels were rescaled) is given.
+    Returns each unit's :func:`reconstruct_unit` figures."""
     student.eval()
     teacher.eval()
     t_modules = dict(teacher.named_modules())
@@ -279,22 +382,28 @@ def adaround(
     f_modules = dict(float_model.named_modules()) if float_model is not None else {}
     shape = tuple(images.shape[1:])
     bn_after = sole_bn_after(teacher, shape)
-    names = [n for n in call_order(student, shape) if s_modules[n].w_bits < FLOAT_BITS and n in t_modules]
+    units = [
+        (unit, quantized)
+        for unit, layers in rounding_units(student, shape, by)
+        if unit in t_modules
+        and (quantized := [s_modules[n] for n in layers if s_modules[n].w_bits < FLOAT_BITS])
+    ]
     gen = torch.Generator().manual_seed(seed)
     report = {}
     capture_batch = 128
-    for i, name in enumerate(names):
-        layer = s_modules[name]
-        (x,) = capture(student, layer, images, capture_batch, "input")
+    for i, (name, layers) in enumerate(units):
+        unit = s_modules[name]
+        (x,) = capture(student, unit, images, capture_batch, "input")
         from_teacher = ("output", "input") if drop and float_model is None else ("output",)
         y, *rest = capture(teacher, t_modules[name], images, capture_batch, *from_teacher)
         xf = rest[0] if rest else None
         if drop and float_model is not None:
             (xf,) = capture(float_model, f_modules[name], images, capture_batch, "input")
-        bn = bn_after.get(name)
+        # a layer's loss is weighted by the BN it feeds; a block's output is past its ReLU: unweighted
+        bn = bn_after.get(name) if unit in layers else None
         cw = bn_scale(bn).pow(2).to(x.device) if bn is not None else None
         with torch.enable_grad():
-            report[name] = reconstruct(layer, x, y, cw, iters, batch_size, lr, gen, xf, drop)
+            report[name] = reconstruct_unit(unit, layers, x, y, cw, iters, batch_size, lr, gen, xf, drop)
         if on_layer is not None:
-            on_layer(i + 1, len(names), name, report[name])
+            on_layer(i + 1, len(units), name, report[name])
     return report

@@ -7,22 +7,24 @@ import torch
 from torch import nn
 
 from dfq.data import LabelledSet
+from dfq.models.registry import build_model
 from dfq.pipeline import Cancelled, Event, Pipeline
 from dfq.quant import quantize
 from dfq.quant.adaround import (
     SoftRounding,
     adaround,
     beta_at,
-    call_order,
     capture,
     capture_bytes,
     drop_quantization,
     reconstruct,
+    reconstruct_unit,
     rectified_sigmoid,
     rounding_regularizer,
+    rounding_units,
 )
 from dfq.quant.consumers import sole_bn_after
-from dfq.quant.modules import QuantConv2d, QuantLinear
+from dfq.quant.modules import ActQuant, QuantConv2d, QuantLinear
 from dfq.quant.quantizer import quantize_to_int
 from dfq.spec import JobSpec, QuantSpec
 from dfq.validate import SpecError, validate_for_teacher
@@ -159,12 +161,37 @@ class _Net(nn.Module):
         return self.fc((self.b(a) + a).mean((2, 3)))
 
 
-def test_sole_bn_after_and_call_order():
+def test_sole_bn_after_and_rounding_units_in_call_order():
     net = _Net().eval()
     found = sole_bn_after(net, (3, 8, 8))
     assert list(found) == ["a.0"] and found["a.0"] is net.a[1]
     student = quantize(net, QuantSpec(w_bits=4, a_bits=32))
-    assert call_order(student, (3, 8, 8)) == ["a.0", "b", "fc"]
+    assert rounding_units(student, (3, 8, 8)) == [("a.0", ["a.0"]), ("b", ["b"]), ("fc", ["fc"])]
+    # a Sequential is a container, not a block, and no other module holds two weight layers
+    assert rounding_units(student, (3, 8, 8), "block") == rounding_units(student, (3, 8, 8))
+    with pytest.raises(ValueError, match="by must be 'layer' or 'block'"):
+        rounding_units(student, (3, 8, 8), "stage")
+
+
+def test_block_units_of_resnet20_and_mobilenetv2():
+    """The residual blocks are the units, each with its weight layers in call order (a projection
+    shortcut's conv runs first in dfq's BasicBlock); the stem conv and the classifier stay alone. The
+    student (traced blocks with activation quantizers) has the teacher's units."""
+    teacher = build_model("resnet20", 10, 1).eval()
+    student = quantize(teacher, QuantSpec(w_bits=3, a_bits=3))
+    units = rounding_units(student, (1, 28, 28), "block")
+    assert [u for u, _ in units] == ["conv1", *(f"layer{s}.{b}" for s in (1, 2, 3) for b in range(3)), "fc"]
+    assert dict(units)["layer2.0"] == ["layer2.0.downsample.0", "layer2.0.conv1", "layer2.0.conv2"]
+    assert dict(units)["layer1.1"] == ["layer1.1.conv1", "layer1.1.conv2"]
+    assert rounding_units(teacher, (1, 28, 28), "block") == units
+    mobile = dict(rounding_units(build_model("mobilenet_v2", 10, 3).eval(), (3, 32, 32), "block"))
+    # Conv2dNormActivation is a Sequential: the stem and the last 1x1 conv are layers of their own
+    assert list(mobile)[:2] == ["features.0.0", "features.1"] and list(mobile)[-2:] == [
+        "features.18.0",
+        "classifier.1",
+    ]
+    assert mobile["features.2"] == ["features.2.conv.0.0", "features.2.conv.1.0", "features.2.conv.2"]
+    assert len(mobile) == 20  # stem, 17 inverted residuals, last conv, classifier
 
 
 def test_capture_returns_the_module_input_and_output():
@@ -210,6 +237,159 @@ def test_adaround_rounds_every_layer_and_lowers_the_network_error():
             if isinstance(m, QuantConv2d | QuantLinear):
                 assert torch.allclose(m.quantized_weight(), m.weight, atol=1e-6)
     assert after < before
+
+
+def _quantized_block(tiny_teacher, drop: float = 0.0) -> tuple:
+    """resnet20's layer2.0 (projection shortcut: three convs) quantized W3A3 and calibrated, with its
+    captured quantized input, the teacher's output of the block and the teacher's input to it."""
+    student = quantize(tiny_teacher, QuantSpec(w_bits=3, a_bits=3))
+    torch.manual_seed(6)
+    x = torch.randn(96, 1, 28, 28) * 0.5 + 0.2
+    calibrate(student, x)
+    block = dict(student.named_modules())["layer2.0"]
+    (inputs,) = capture(student, block, x, 32, "input")
+    target, float_inputs = capture(tiny_teacher, tiny_teacher.layer2[0], x, 32, "output", "input")
+    layers = [m for m in block.modules() if isinstance(m, QuantConv2d)]
+    return block, layers, inputs, target, float_inputs
+
+
+def test_block_reconstruction_rounds_its_layers_together_and_restores_the_forwards(tiny_teacher):
+    """BRECQ's unit: the three convs of a residual block learn their rounding against the block's output
+    (its activation quantizers on); the block's error falls below nearest rounding's, every conv ends on
+    its grid, and no patched forward stays behind."""
+    block, layers, inputs, target, _ = _quantized_block(tiny_teacher)
+    assert len(layers) == 3
+    with torch.no_grad():
+        nearest = float((block(inputs) - target).pow(2).sum(1).mean())
+    figures = reconstruct_unit(
+        block, layers, inputs, target, None, 150, 32, 1e-2, torch.Generator().manual_seed(0)
+    )
+    assert figures["err_nearest"] == pytest.approx(nearest, rel=1e-5)  # the block's own forward, unrounded
+    assert figures["err_rounded"] < figures["err_nearest"]
+    assert 0 < figures["changed"] < 0.5
+    assert not any("forward" in vars(m) for m in block.modules())
+    with torch.no_grad():
+        assert float((block(inputs) - target).pow(2).sum(1).mean()) == pytest.approx(
+            figures["err_rounded"], rel=1e-5
+        )
+        for layer in layers:
+            assert torch.allclose(layer.quantized_weight(), layer.weight, atol=1e-6)
+
+
+def test_block_drop_mixes_every_activation_quantizer_inside(tiny_teacher):
+    """QDrop in a block: each activation quantizer's output, during the reconstruction only, is element by
+    element the quantized value or (at the asked share) the float one; the reported errors stay on the
+    quantized path, so they match a run without the drop before any rounding is learnt."""
+    block, layers, inputs, target, float_inputs = _quantized_block(tiny_teacher)
+    quantizers = [m for m in block.modules() if isinstance(m, ActQuant)]
+    assert len(quantizers) == 2  # after relu1 and at the block's output
+    seen: list[tuple[int, int, bool]] = []
+
+    def count(m, args, out):
+        x, quantized = args[0], type(m).forward(m, args[0])
+        differ = quantized != x  # where the float value is not already a grid point
+        picked = bool(((out == x) | (out == quantized)).all())
+        seen.append((int((out[differ] == x[differ]).sum()), int(differ.sum()), picked))
+
+    handles = [q.register_forward_hook(count) for q in quantizers]
+    try:
+        figures = reconstruct_unit(
+            block,
+            layers,
+            inputs,
+            target,
+            None,
+            4,
+            32,
+            1e-2,
+            torch.Generator().manual_seed(0),
+            float_inputs,
+            0.5,
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    # 3 batches x 2 quantizers for the error before, 4 steps x 2 dropped, then the error after
+    assert len(seen) == 6 + 8 + 6 and all(picked for *_, picked in seen)
+    for floats, differ, _ in seen[6:14]:
+        assert 0.4 < floats / differ < 0.6
+    assert all(floats == 0 for floats, _, _ in seen[:6] + seen[14:])
+    plain, *_ = _quantized_block(tiny_teacher)[:1]
+    with torch.no_grad():
+        assert figures["err_nearest"] == pytest.approx(
+            float((plain(inputs) - target).pow(2).sum(1).mean()), rel=1e-5
+        )
+
+
+def test_adaround_by_block_rounds_every_unit(tiny_teacher):
+    student = quantize(tiny_teacher, QuantSpec(w_bits=3, a_bits=32))
+    torch.manual_seed(7)
+    x = torch.randn(64, 1, 28, 28) * 0.5 + 0.2
+    with torch.no_grad():
+        before = (student(x) - tiny_teacher(x)).pow(2).sum(1).mean()
+    seen = []
+    report = adaround(
+        student,
+        tiny_teacher,
+        x,
+        iters=60,
+        lr=1e-2,
+        by="block",
+        on_layer=lambda i, n, name, f: seen.append((i, n, name)),
+    )
+    assert (
+        [name for _, _, name in seen]
+        == list(report)
+        == [u for u, _ in rounding_units(student, (1, 28, 28), "block")]
+    )
+    assert seen[0][:2] == (1, 11)
+    with torch.no_grad():
+        after = (student(x) - tiny_teacher(x)).pow(2).sum(1).mean()
+        for m in student.modules():
+            if isinstance(m, QuantConv2d | QuantLinear):
+                assert torch.allclose(m.quantized_weight(), m.weight, atol=1e-6)
+    assert after < before
+
+
+def test_round_unit_needs_adaround_and_sizes_the_capture_by_block():
+    with pytest.raises(ValueError, match=r"round_unit needs quant\.weight_round 'adaround'"):
+        QuantSpec(round_unit="block")
+    assert QuantSpec(weight_round="adaround", round_unit="block").round_unit == "block"
+
+    class Block(nn.Module):  # not a container: two convs with a ReLU between, as a residual block's body
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.relu, self.conv2 = (
+                nn.Conv2d(1, 4, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(4, 1, 3, padding=1),
+            )
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv2(self.relu(self.conv1(x)))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blk, self.fc = Block(), nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.blk(x).flatten(1))
+
+    net = Net()
+    # layers: conv 64 in + 256 out, conv 256 + 64, fc 64 + 10; the block: 64 in + 64 out
+    assert capture_bytes(net, (1, 8, 8), 100) == (320 * 4 * 100, "blk.conv1")
+    assert capture_bytes(net, (1, 8, 8), 100, by="block") == (128 * 4 * 100, "blk")
+
+
+def test_pipeline_rounds_block_by_block(tiny_teacher, tiny_spec):
+    spec = _spec(tiny_spec, round_unit="block")
+    events: list[Event] = []
+    pipe = Pipeline(spec, tiny_teacher, 10, (1, 28, 28))
+    pipe.run(events.append)
+    rounds = [e.metrics for e in events if e.kind == "round"]
+    assert [(r["layer"], r["layers"]) for r in rounds] == [(i, 11) for i in range(1, 12)]
+    assert list(pipe.history["rounded"])[1:3] == ["layer1.0", "layer1.1"]
 
 
 def _spec(tiny_spec: JobSpec, **quant) -> JobSpec:
@@ -343,6 +523,10 @@ def test_model_card_names_where_the_rounding_images_came_from():
     )
     assert row({"weight_round": "adaround", "round_drop": 0.5}) == (
         "adaround (1000 steps per layer on 1024 images from generator, QDrop input drop 0.5) | real data "
+        "used: False"
+    )
+    assert row({"weight_round": "adaround", "round_unit": "block", "round_drop": 0.5}) == (
+        "adaround (1000 steps per block on 1024 images from generator, QDrop input drop 0.5) | real data "
         "used: False"
     )
     assert row({"weight_round": "adaround", "round_data": "fashion-mnist-train"}) == (
