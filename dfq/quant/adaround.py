@@ -1,4 +1,4 @@
-"""Weight rounding learnt layer by layer on synthetic images (``quant.weight_round = "adaround"``).
+"""Weight rounding learnt layer by layer (or block by block) on synthetic images (``quant.weight_round = "adaround"``).
 
 Why: rounding every weight to its nearest grid point minimises each weight's own error, not the error of
 the layer's output, and at 4 bits that costs MobileNetV2 about as much as its activations do
@@ -36,6 +36,12 @@ calibration data to test data. The float network is the teacher, except where ``
 rescaled the student's channels: there the teacher's activations are in other units than the student's, so
 the float inputs come from the student's float twin (:func:`dfq.quant.modules.float_twin`, the rescaled
 network with quantization off), as QDrop's come from its own model with quantization off.
+
+``quant.round_unit = "block"`` reconstructs a residual block at a time, as BRECQ (Li et al. 2021) and
+QDrop's headline results do (:func:`rounding_units`, :func:`reconstruct_unit`): its weight layers learn
+their rounding together against the teacher's output of the block, its activation quantizers on (and,
+with the drop, each dropping at every step). On resnet20 W3A3 and MobileNetV2 W4A4 it did not beat the
+layer-wise rounding (docs/benchmarks.md "Block reconstruction"), so ``layer`` stays the default.
 """
 
 from __future__ import annotations
