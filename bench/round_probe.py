@@ -3,7 +3,8 @@ on a finished job's generator, without training it again.
 
 Why: at the ``calibrate`` budget the student is never stepped, so a finished job's generator is all that a
 rounding variant needs; its 800 steps are most of a 20-minute job, the rounding and correction a few
-minutes. The probe rebuilds the job's pipeline with the job's spec and ``--quant`` merged over its quant
+minutes. The probe rebuilds the job's pipeline (``dfq.job.build_pipeline``, as the job
+did) with the job's spec and ``--quant`` merged over its quant
 section, loads the job's generator (``generator.safetensors``), leaves the student as the spec
 builds it with the activation ranges the job ended with (a ``calibrate`` student is never stepped, so
 its weights before rounding are the teacher's; its ranges come from the teacher's BN or, where no BN
@@ -37,9 +38,8 @@ def probe(run: Path, quant: dict, threads: int) -> dict:
     import torch
     from safetensors.torch import load_file
 
-    from dfq.data import load_eval_set
+    from dfq.job import build_pipeline
     from dfq.models.teachers import resolve_teacher
-    from dfq.pipeline import Pipeline
     from dfq.spec import JobSpec, _merge
 
     torch.set_num_threads(threads)
@@ -51,11 +51,7 @@ def probe(run: Path, quant: dict, threads: int) -> dict:
         raise SystemExit(
             f"{run}: its student was trained ({spec.budget.student_steps} steps); the probe needs a calibrate job"
         )
-    model, info = resolve_teacher(report["teacher"]["name"])
-    eval_set = load_eval_set(spec.eval, info.input_shape, spec.eval_limit)
-    pipe = Pipeline(
-        spec, model, info.num_classes, info.input_shape, eval_set=eval_set, preprocess=info.preprocess
-    )
+    pipe = build_pipeline(spec, *resolve_teacher(report["teacher"]["name"]))
     pipe.generator.load_state_dict(load_file(run / "generator.safetensors"))
     # the activation ranges the job ended with: bn-mse fixes those behind a BN at construction, the rest
     # (after a residual add) are observed on the generator's images during the calibration epochs

@@ -58,6 +58,34 @@ def load_completed(out_dir: Path, spec: JobSpec) -> dict[str, Any] | None:
     return report if same_spec(report.get("spec"), spec) else None
 
 
+def build_pipeline(
+    spec: JobSpec, model: nn.Module, info: TeacherInfo, eval_set: LabelledSet | None = None
+) -> Pipeline:
+    """A job's pipeline: the spec checked against the teacher, then every set it names loaded (the eval set
+    unless given, FDDA's few-shot calibration set, ``quant.round_data``'s images). One place, so a tool that
+    redoes part of a job (bench/round_probe.py) builds the very pipeline the job did."""
+    device = resolve_device(spec.device)
+    validate_for_teacher(spec, model, info.input_shape, info.num_classes)
+    if eval_set is None and spec.eval:
+        eval_set = load_eval_set(spec.eval, info.input_shape, spec.eval_limit)
+    fdda = spec.method.fdda
+    calib = load_eval_set(fdda.calib_set, info.input_shape) if fdda and fdda.centers == "few-shot" else None
+    round_ref = spec.quant.round_set
+    round_set = load_eval_set(round_ref, info.input_shape) if round_ref is not None else None
+    return Pipeline(
+        spec,
+        model,
+        info.num_classes,
+        info.input_shape,
+        device,
+        eval_set,
+        info.preprocess,
+        SAMPLES_PER_CLASS,
+        calib_set=calib,
+        round_set=round_set,
+    )
+
+
 def run_job(
     spec: JobSpec,
     teacher: str | tuple[nn.Module, TeacherInfo],
@@ -72,26 +100,8 @@ def run_job(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model, info = resolve_teacher(teacher, arch) if isinstance(teacher, str) else teacher
-    device = resolve_device(spec.device)
-    validate_for_teacher(spec, model, info.input_shape, info.num_classes)
-    if eval_set is None and spec.eval:
-        eval_set = load_eval_set(spec.eval, info.input_shape, spec.eval_limit)
-    fdda = spec.method.fdda
-    calib = load_eval_set(fdda.calib_set, info.input_shape) if fdda and fdda.centers == "few-shot" else None
-    round_ref = spec.quant.round_set
-    round_set = load_eval_set(round_ref, info.input_shape) if round_ref is not None else None
-    pipe = Pipeline(
-        spec,
-        model,
-        info.num_classes,
-        info.input_shape,
-        device,
-        eval_set,
-        info.preprocess,
-        SAMPLES_PER_CLASS,
-        calib_set=calib,
-        round_set=round_set,
-    )
+    pipe = build_pipeline(spec, model, info, eval_set)
+    device, eval_set = pipe.device, pipe.eval_set
     state_path = out / STATE_FILE
     resumed_from = None
     if state_path.exists():
