@@ -163,26 +163,6 @@ def _dropped_forward(
     return lambda x: drop_quantization(quantize_(x), x, drop, generator)
 
 
-def reconstruct(
-    layer: QuantLayer,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    channel_weight: torch.Tensor | None,
-    iters: int,
-    batch_size: int,
-    lr: float = 1e-3,
-    generator: torch.Generator | None = None,
-    float_inputs: torch.Tensor | None = None,
-    drop: float = 0.0,
-) -> dict[str, float]:
-    """Learn ``layer``'s rounding so ``layer(inputs)`` (its quantized input) reproduces ``targets`` (the
-    float network's output), then write the rounded weights back: :func:`reconstruct_unit` with the
-    layer as its own unit."""
-    return reconstruct_unit(
-        layer, [layer], inputs, targets, channel_weight, iters, batch_size, lr, generator, float_inputs, drop
-    )
-
-
 def reconstruct_unit(
     unit: nn.Module,
     layers: list[QuantLayer],
@@ -205,7 +185,7 @@ def reconstruct_unit(
     are on the quantized path alone, the path the deployed model takes. Returns the output error before
     (nearest rounding) and after, over all ``inputs``, and the share of weights rounded unlike nearest."""
     if drop and float_inputs is None:
-        raise ValueError("reconstruct: drop > 0 needs float_inputs to mix in")
+        raise ValueError("reconstruct_unit: drop > 0 needs float_inputs to mix in")
     softs = [SoftRounding.of(layer) for layer in layers]
     w = channel_weight.view(1, -1, *([1] * (targets.dim() - 2))) if channel_weight is not None else None
     quantizers = [m for m in unit.modules() if isinstance(m, ActQuant)] if drop else []

@@ -17,7 +17,6 @@ from dfq.quant.adaround import (
     capture,
     capture_bytes,
     drop_quantization,
-    reconstruct,
     reconstruct_unit,
     rectified_sigmoid,
     rounding_regularizer,
@@ -82,7 +81,7 @@ def test_reconstruct_beats_nearest_and_keeps_the_grid():
     with torch.no_grad():
         target = nn.functional.linear(x, layer.weight, layer.bias)
         nearest_codes = quantize_to_int(layer.weight, 3, *torch.aminmax(layer.weight, dim=1))
-    figures = reconstruct(layer, x, target, None, iters=400, batch_size=64, lr=1e-2)
+    figures = reconstruct_unit(layer, [layer], x, target, None, iters=400, batch_size=64, lr=1e-2)
     assert figures["err_rounded"] < 0.7 * figures["err_nearest"]
     assert 0 < figures["changed"] < 0.5
     lo, hi = torch.aminmax(layer.weight.detach(), dim=1)
@@ -105,7 +104,7 @@ def test_channel_weight_decides_which_channels_are_reconstructed():
             target = nn.functional.linear(x, layer.weight, layer.bias)
             nearest = (layer(x) - target).pow(2).mean(0)
         draws = torch.Generator().manual_seed(5)
-        reconstruct(layer, x, target, cw, iters=400, batch_size=64, lr=1e-2, generator=draws)
+        reconstruct_unit(layer, [layer], x, target, cw, iters=400, batch_size=64, lr=1e-2, generator=draws)
         with torch.no_grad():
             errs[name] = (layer(x) - target).pow(2).mean(0)
     assert errs["weighted"][0] == pytest.approx(float(errs["plain"][0]), rel=1e-5)
@@ -137,7 +136,7 @@ def test_reconstruct_learns_from_the_float_inputs_it_drops_in():
             target = nn.functional.linear(x, layer.weight, layer.bias)
             nearest = (layer(x) - target).pow(2).sum(1).mean()
         draws = torch.Generator().manual_seed(5)
-        figures = reconstruct(layer, zeros, target, None, 400, 64, 1e-2, draws, x, drop)
+        figures = reconstruct_unit(layer, [layer], zeros, target, None, 400, 64, 1e-2, draws, x, drop)
         assert figures["err_rounded"] == pytest.approx(figures["err_nearest"])  # both: bias against target
         with torch.no_grad():
             err_on_float[drop] = float((layer(x) - target).pow(2).sum(1).mean() / nearest)
@@ -146,7 +145,8 @@ def test_reconstruct_learns_from_the_float_inputs_it_drops_in():
     assert err_on_float[0.0] == pytest.approx(1.0)
     assert err_on_float[0.9] < 0.8
     with pytest.raises(ValueError, match="drop > 0 needs float_inputs"):
-        reconstruct(_layer(), zeros, zeros[:, :6], None, 1, 8, drop=0.5)
+        layer = _layer()
+        reconstruct_unit(layer, [layer], zeros, zeros[:, :6], None, 1, 8, drop=0.5)
 
 
 class _Net(nn.Module):
