@@ -9,7 +9,8 @@ section, loads the job's generator (``generator.safetensors``), leaves the stude
 builds it with the activation ranges the job ended with (a ``calibrate`` student is never stepped, so
 its weights before rounding are the teacher's; its ranges come from the teacher's BN or, where no BN
 describes them, from the generator's images of the calibration epochs, so they are read from the job's
-``quantized.safetensors``, which rounding and correction do not change), runs the rounding and the correction, and evaluates on
+``quantized.safetensors``, which rounding and correction do not change unless the job learnt them,
+``quant.round_act: lsq``, which the probe refuses), runs the rounding and the correction, and evaluates on
 the full test set. With ``--quant '{}'`` it must repeat the job's own result to the digit, which is the
 check that it is the same computation (run it first; each row prints the job's figure beside its own).
 Run it under the job's instruction-set cap (``--isa``, as bench/quality.py) and thread count.
@@ -47,6 +48,10 @@ def probe(run: Path, quant: dict, threads: int) -> dict:
     data = report["spec"]
     data["quant"] = _merge(data["quant"], quant)
     spec = JobSpec.model_validate(data)
+    if report["spec"]["quant"].get("round_act", "fixed") != "fixed":
+        raise SystemExit(
+            f"{run}: its rounding learnt the activation ranges, so its final ranges are not training's"
+        )
     if spec.budget.student_steps:
         raise SystemExit(
             f"{run}: its student was trained ({spec.budget.student_steps} steps); the probe needs a calibrate job"

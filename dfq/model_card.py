@@ -55,6 +55,7 @@ def _switches(spec: JobSpec) -> list[list[Any]]:
             + (
                 f" ({q.round_iters} steps per {q.round_unit} on {q.round_images} images from {q.round_data}"
                 + (f", QDrop input drop {q.round_drop:g}" if q.round_drop else "")
+                + (f", activation steps learnt (LSQ, lr {q.round_act_lr:g})" if q.round_act == "lsq" else "")
                 + ")"
                 if q.weight_round == "adaround"
                 else ""

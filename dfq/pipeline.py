@@ -484,6 +484,7 @@ class Pipeline:
                 on_layer=on_layer,
                 drop=q.round_drop,
                 by=q.round_unit,
+                act_lr=q.round_act_lr if q.round_act == "lsq" else 0.0,
                 float_model=float_twin(self.student) if q.round_drop and q.act_equalize != "none" else None,
             )
         self.history["rounded"] = report

@@ -101,6 +101,20 @@ class QuantSpec(_Strict):
         "its own output) or block (BRECQ, Li et al. 2021, as QDrop: the weight layers of a residual block "
         "learn their rounding together against the block's output, its activation quantizers on)",
     )
+    round_act: Literal["fixed", "lsq"] = Field(
+        "fixed",
+        description="adaround with round_unit block: the activation quantizers inside a block keep the "
+        "ranges training left them (fixed) or learn their step with the rounding, against the same "
+        "block output loss (lsq: LSQ's straight-through gradient, the zero point fixed, as QDrop's "
+        "reconstruction does; written back as their ranges)",
+    )
+    round_act_lr: float = Field(
+        4e-5,
+        gt=0.0,
+        le=1.0,
+        description="round_act lsq: Adam's learning rate for the activation steps, cosine-annealed to 0 "
+        "over round_iters (QDrop's and BRECQ's default 4e-5, set for 20k steps)",
+    )
     round_data: str = Field(
         "generator",
         min_length=1,
@@ -138,6 +152,12 @@ class QuantSpec(_Strict):
         if self.round_unit != "layer" and self.weight_round != "adaround":
             raise ValueError(
                 "quant.round_unit needs quant.weight_round 'adaround': it says what adaround reconstructs"
+            )
+        if self.round_act != "fixed" and self.round_unit != "block":
+            raise ValueError(
+                "quant.round_act 'lsq' needs quant.round_unit 'block' (and so quant.weight_round "
+                "'adaround'): dfq's activation quantizers follow the ReLUs, so only a block holds any of "
+                "the quantizers its reconstruction could learn"
             )
         if self.round_drop and self.weight_round != "adaround":
             raise ValueError(

@@ -57,11 +57,12 @@ from torch import nn
 from dfq.quant.consumers import bn_scale, sole_bn_after
 from dfq.quant.modules import FLOAT_BITS, ActQuant, QuantConv2d, QuantLayer
 from dfq.quant.probe import probe_forward
-from dfq.quant.quantizer import int_range, weight_grid
+from dfq.quant.quantizer import asymmetric_params, int_range, weight_grid
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound eq. 23)
 REG_WEIGHT = 0.01  # lambda
 BETA_START, BETA_END, WARMUP = 20.0, 2.0, 0.2
+STEP_FLOOR = 1e-8  # a learnt activation step is kept above this (the quantizer's own range floor)
 
 
 def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
@@ -155,12 +156,62 @@ def _hard_forward(layer: QuantLayer, weight: torch.Tensor) -> Callable[[torch.Te
     return lambda x: layer_forward(layer, x, weight)
 
 
+@dataclass
+class LearntStep:
+    """One activation quantizer's step size, learnt with the rounding (``quant.round_act = "lsq"``).
+
+    Why: the BN-derived ranges are chosen for each activation alone; QDrop (after BRECQ) learns every
+    activation step of the unit it reconstructs by the same output loss as the rounding, with LSQ's
+    straight-through gradient (Esser et al. 2020), so ranges and roundings fit each other. As QDrop's
+    ``UniformAffineQuantizer`` the step ``delta`` is the parameter and the integer zero point stays fixed:
+
+        x^ = (round(clamp(x / delta - zp, qmin, qmax)) + zp) * delta
+
+    (the quantizer's own value: with integer bounds clamping before rounding changes nothing, and it is
+    LSQ's order, which leaves no element on the grid's edge a float away from counting as clipped); round
+    passes the gradient straight through, so d x^ / d delta = q + zp - x / delta inside the grid and
+    q + zp where it clipped, and d x^ / d x = 1 inside, 0 outside (LSQ's). The result is written back as the
+    quantizer's fixed range [lo, hi] with the same zero point and step (:meth:`write_back`)."""
+
+    quantizer: ActQuant
+    zp: torch.Tensor
+    qmin: int
+    qmax: int
+    start: float  # the step before learning
+    delta: torch.Tensor  # the learnt parameter
+
+    @classmethod
+    def of(cls, quantizer: ActQuant) -> LearntStep:
+        lo, hi = (v.detach().float() for v in quantizer.range())
+        scale, zp = asymmetric_params(quantizer.bits, lo, hi)
+        qmin, qmax = int_range(quantizer.bits)
+        delta = (1 / scale).clone()
+        return cls(quantizer, zp, qmin, qmax, float(delta), delta.requires_grad_(True))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        u = torch.clamp(x / self.delta - self.zp, self.qmin, self.qmax)
+        return (u + (torch.round(u) - u).detach() + self.zp) * self.delta  # round, gradient straight through
+
+    @torch.no_grad()
+    def write_back(self) -> float:
+        """Fix the quantizer's range to the learnt step around the same zero point; returns the step's
+        relative change."""
+        delta = float(self.delta.clamp(min=STEP_FLOOR))
+        lo = float(self.zp - (self.qmax + 1)) * delta  # round(lo / delta) + 2^(k-1) = zp again
+        self.quantizer.fix_range(lo, lo + (self.qmax - self.qmin) * delta)
+        return delta / self.start - 1
+
+
 def _dropped_forward(
-    quantizer: ActQuant, drop: float, generator: torch.Generator | None
+    quantize_: Callable[[torch.Tensor], torch.Tensor], drop: float, generator: torch.Generator | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """QDrop inside a block: the activation quantizer's output, each element kept float with ``drop``."""
-    quantize_ = type(quantizer).forward.__get__(quantizer)
     return lambda x: drop_quantization(quantize_(x), x, drop, generator)
+
+
+def _own_forward(quantizer: ActQuant) -> Callable[[torch.Tensor], torch.Tensor]:
+    return type(quantizer).forward.__get__(quantizer)
 
 
 def reconstruct_unit(
@@ -175,6 +226,7 @@ def reconstruct_unit(
     generator: torch.Generator | None = None,
     float_inputs: torch.Tensor | None = None,
     drop: float = 0.0,
+    act_lr: float = 0.0,
 ) -> dict[str, float]:
     """Learn the rounding of every layer in ``layers`` (all inside ``unit``, or ``unit`` itself) together,
     so ``unit(inputs)`` (its quantized input; the unit's own activation quantizers on) reproduces
@@ -182,13 +234,20 @@ def reconstruct_unit(
     regulariser sums over the layers, as BRECQ's block loss does. With ``drop`` > 0 each step's inputs are
     mixed with ``float_inputs`` (:func:`drop_quantization`), and so is the output of every activation
     quantizer inside the unit (QDrop drops each quantizer of the block it reconstructs); the errors reported
-    are on the quantized path alone, the path the deployed model takes. Returns the output error before
-    (nearest rounding) and after, over all ``inputs``, and the share of weights rounded unlike nearest."""
+    are on the quantized path alone, the path the deployed model takes. With ``act_lr`` > 0 the step of
+    every activation quantizer inside the unit is learnt too (:class:`LearntStep`; Adam at ``act_lr``,
+    cosine-annealed to 0 over the steps, as QDrop's ``a_opt``) and written back as its range. Returns the
+    output error before (nearest rounding, ranges as they were) and after, over all ``inputs``, the share of
+    weights rounded unlike nearest and, with ``act_lr``, the largest relative change of a step."""
     if drop and float_inputs is None:
         raise ValueError("reconstruct_unit: drop > 0 needs float_inputs to mix in")
     softs = [SoftRounding.of(layer) for layer in layers]
     w = channel_weight.view(1, -1, *([1] * (targets.dim() - 2))) if channel_weight is not None else None
-    quantizers = [m for m in unit.modules() if isinstance(m, ActQuant)] if drop else []
+    quantizers = [m for m in unit.modules() if isinstance(m, ActQuant)] if drop or act_lr else []
+    learnt = {q: LearntStep.of(q) for q in quantizers if act_lr and q.bits < FLOAT_BITS}
+    if act_lr and not learnt:
+        raise ValueError("reconstruct_unit: act_lr > 0 but the unit holds no activation quantizer to learn")
+    steps = list(learnt.values())
 
     def error(out: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         sq = (out - tgt).pow(2)
@@ -207,9 +266,13 @@ def reconstruct_unit(
 
     before = full_error([(s.nearest + s.zp) / s.scale for s in softs])
     opt = torch.optim.Adam([s.v for s in softs], lr=lr)
+    a_opt = torch.optim.Adam([st.delta for st in steps], lr=act_lr) if steps else None
+    a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=iters, eta_min=0.0) if a_opt else None
     n = len(inputs)
     forwards = [_soft_forward(la, s) for la, s in zip(layers, softs, strict=True)]
-    forwards += [_dropped_forward(q, drop, generator) for q in quantizers]
+    for q in quantizers:
+        own = learnt.get(q) or _own_forward(q)
+        forwards.append(_dropped_forward(own, drop, generator) if drop else own)
     with _patched_forwards([*layers, *quantizers], forwards):
         for step in range(iters):
             idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
@@ -221,16 +284,28 @@ def reconstruct_unit(
             if beta is not None:
                 loss = loss + REG_WEIGHT * sum(rounding_regularizer(s.h(), beta) for s in softs)
             opt.zero_grad(set_to_none=True)
+            if a_opt is not None:
+                a_opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if a_opt is not None:
+                a_opt.step()
+                a_sched.step()
+                with torch.no_grad():
+                    for st in steps:
+                        st.delta.clamp_(min=STEP_FLOOR)
     with torch.no_grad():
         hard = [s.weight(hard=True) for s in softs]
+        moved = [st.write_back() for st in steps]
         after = full_error(hard)
         changed = sum(float((s.codes(hard=True) != s.nearest).sum()) for s in softs)
         total = sum(s.v.numel() for s in softs)
         for layer, wt in zip(layers, hard, strict=True):
             layer.weight.copy_(wt)
-    return {"err_nearest": before, "err_rounded": after, "changed": changed / total}
+    report = {"err_nearest": before, "err_rounded": after, "changed": changed / total}
+    if steps:
+        report["act_step_change"] = max(moved, key=abs)
+    return report
 
 
 class _Stop(Exception):
@@ -355,12 +430,15 @@ def adaround(
     drop: float = 0.0,
     float_model: nn.Module | None = None,
     by: str = "layer",
+    act_lr: float = 0.0,
 ) -> dict[str, dict[str, float]]:
     """Round every quantized weight layer of ``student``, unit by unit (:func:`rounding_units` ``by``
     "layer" or "block") in call order (module docstring); ``teacher`` is the float model with the same
     module names, and with ``drop`` > 0 (QDrop) also the source of each unit's float inputs unless
     ``float_model`` (same names; the student's float twin where its channels were rescaled) is given.
-    Returns each unit's :func:`reconstruct_unit` figures."""
+    With ``act_lr`` > 0 the steps of the activation quantizers inside each unit are learnt too (a unit
+    without one, a stem conv say, learns its rounding alone). Returns each unit's :func:`reconstruct_unit`
+    figures."""
     student.eval()
     teacher.eval()
     t_modules = dict(teacher.named_modules())
@@ -389,7 +467,10 @@ def adaround(
         bn = bn_after.get(name) if unit in layers else None
         cw = bn_scale(bn).pow(2).to(x.device) if bn is not None else None
         with torch.enable_grad():
-            report[name] = reconstruct_unit(unit, layers, x, y, cw, iters, batch_size, lr, gen, xf, drop)
+            inner = any(isinstance(m, ActQuant) and m.bits < FLOAT_BITS for m in unit.modules())
+            report[name] = reconstruct_unit(
+                unit, layers, x, y, cw, iters, batch_size, lr, gen, xf, drop, act_lr if inner else 0.0
+            )
         if on_layer is not None:
             on_layer(i + 1, len(units), name, report[name])
     return report
