@@ -468,7 +468,7 @@ class Pipeline:
         def on_layer(i: int, n: int, name: str, figures: dict[str, float]) -> None:
             layer_done(i, n, figures)
             if should_cancel is not None and i < n and should_cancel():
-                raise Cancelled(f"cancelled while rounding weights (layer {i}/{n})")
+                raise Cancelled(f"cancelled while rounding weights ({q.round_unit} {i}/{n})")
 
         if q.weight_round == "squant":
             report = squant(self.student)

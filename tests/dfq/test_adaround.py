@@ -424,15 +424,16 @@ def test_pipeline_rounds_once_after_training_and_a_resume_keeps_it(
     assert all(torch.equal(v, weights[k]) for k, v in again.student.state_dict().items())
 
 
-def test_pipeline_cancel_while_rounding(tiny_teacher, tiny_spec):
-    pipe = Pipeline(_spec(tiny_spec), tiny_teacher, 10, (1, 28, 28))
+@pytest.mark.parametrize(("unit", "units"), [("layer", 22), ("block", 11)])
+def test_pipeline_cancel_while_rounding(tiny_teacher, tiny_spec, unit, units):
+    pipe = Pipeline(_spec(tiny_spec, round_unit=unit), tiny_teacher, 10, (1, 28, 28))
     calls = []
 
     def cancel_in_rounding() -> bool:
         calls.append(pipe.step)
         return pipe.step == pipe.total  # only once training is over
 
-    with pytest.raises(Cancelled, match="rounding weights \\(layer 1/22\\)"):
+    with pytest.raises(Cancelled, match=f"rounding weights \\({unit} 1/{units}\\)"):
         pipe.run(should_cancel=cancel_in_rounding)
     assert "rounded" not in pipe.history
 
