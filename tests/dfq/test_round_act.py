@@ -58,18 +58,8 @@ def test_a_block_learns_a_badly_set_step_and_writes_it_back(tiny_teacher):
         inner = next(m for m in block.modules() if isinstance(m, ActQuant))
         lo, hi = (float(v) for v in inner.range())
         inner.fix_range(lo, lo + 3 * (hi - lo))
-        figures = reconstruct_unit(
-            block,
-            layers,
-            inputs,
-            target,
-            None,
-            150,
-            32,
-            1e-2,
-            torch.Generator().manual_seed(0),
-            act_lr=act_lr,
-        )
+        gen = torch.Generator().manual_seed(0)
+        figures = reconstruct_unit(block, layers, inputs, target, None, 150, 32, 1e-2, gen, act_lr=act_lr)
         return figures, inner, block, inputs, target
 
     held, *_ = run(0.0)
