@@ -46,12 +46,12 @@ def probe(run: Path, quant: dict, threads: int) -> dict:
     torch.set_num_threads(threads)
     report = json.loads((run / "report.json").read_text())
     data = report["spec"]
-    data["quant"] = _merge(data["quant"], quant)
-    spec = JobSpec.model_validate(data)
-    if report["spec"]["quant"].get("round_act", "fixed") != "fixed":
+    if data["quant"].get("round_act", "fixed") != "fixed":  # the job's own switch, before the variant's
         raise SystemExit(
             f"{run}: its rounding learnt the activation ranges, so its final ranges are not training's"
         )
+    data["quant"] = _merge(data["quant"], quant)
+    spec = JobSpec.model_validate(data)
     if spec.budget.student_steps:
         raise SystemExit(
             f"{run}: its student was trained ({spec.budget.student_steps} steps); the probe needs a calibrate job"

@@ -71,3 +71,17 @@ def test_the_probe_refuses_a_job_whose_student_was_trained(tmp_path, one_thread)
     run_job(JobSpec.model_validate(data), "resnet20_fmnist", tmp_path)
     with pytest.raises(SystemExit, match="its student was trained"):
         probe.probe(tmp_path, {}, threads=1)
+
+
+def test_the_probe_tries_learnt_steps_but_refuses_a_job_that_learnt_them(tmp_path, one_thread):
+    """A job that learnt its activation steps (``quant.round_act: lsq``) ended on other ranges than
+    training's, so the probe cannot start from them; learning them as a variant of a job that held them
+    is what the probe is for."""
+    probe = load_bench("round_probe")
+    block = {"round_unit": "block", "round_act": "lsq"}
+    run_job(_spec(), "resnet20_fmnist", tmp_path / "held")
+    variant = probe.probe(tmp_path / "held", block, threads=1)
+    assert variant["quant"] == block and 0 <= variant["q_top1"] <= 100
+    run_job(_spec(**block), "resnet20_fmnist", tmp_path / "learnt")
+    with pytest.raises(SystemExit, match="learnt the activation ranges"):
+        probe.probe(tmp_path / "learnt", {}, threads=1)
