@@ -218,6 +218,11 @@ def _own_forward(quantizer: ActQuant) -> Callable[[torch.Tensor], torch.Tensor]:
     return type(quantizer).forward.__get__(quantizer)
 
 
+def _learnable(quantizers: list[nn.Module]) -> list[ActQuant]:
+    """The activation quantizers among ``quantizers`` whose step ``quant.round_act`` can learn (not float)."""
+    return [m for m in quantizers if isinstance(m, ActQuant) and m.bits < FLOAT_BITS]
+
+
 def reconstruct_unit(
     unit: nn.Module,
     layers: list[QuantLayer],
@@ -248,7 +253,7 @@ def reconstruct_unit(
     softs = [SoftRounding.of(layer) for layer in layers]
     w = channel_weight.view(1, -1, *([1] * (targets.dim() - 2))) if channel_weight is not None else None
     quantizers = [m for m in unit.modules() if isinstance(m, ActQuant)] if drop or act_lr else []
-    learnt = {q: LearntStep.of(q) for q in quantizers if act_lr and q.bits < FLOAT_BITS}
+    learnt = {q: LearntStep.of(q) for q in _learnable(quantizers)} if act_lr else {}
     if act_lr and not learnt:
         raise ValueError("reconstruct_unit: act_lr > 0 but the unit holds no activation quantizer to learn")
     steps = list(learnt.values())
@@ -471,7 +476,7 @@ def adaround(
         bn = bn_after.get(name) if unit in layers else None
         cw = bn_scale(bn).pow(2).to(x.device) if bn is not None else None
         with torch.enable_grad():
-            inner = any(isinstance(m, ActQuant) and m.bits < FLOAT_BITS for m in unit.modules())
+            inner = _learnable(list(unit.modules()))  # none in a stem conv: its rounding is learnt alone
             report[name] = reconstruct_unit(
                 unit, layers, x, y, cw, iters, batch_size, lr, gen, xf, drop, act_lr if inner else 0.0
             )
