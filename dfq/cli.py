@@ -36,10 +36,10 @@ def _spec_from_args(args: argparse.Namespace) -> Any:
     data: dict[str, Any] = {}
     if args.spec:
         data = json.loads(_read_spec_text(args.spec))
-    for key in ("method", "bits", "budget", "seed", "device", "eval"):
+    for key in ("method", "bits", "budget", "quant", "seed", "device", "eval"):
         value = getattr(args, key)
         if value is not None:
-            if key in ("method", "budget") and isinstance(data.get(key), dict):
+            if key in ("method", "budget", "quant") and isinstance(data.get(key), dict):
                 data[key] = {**data[key], "preset": value}
             else:
                 data[key] = value
@@ -121,6 +121,7 @@ def _headline(report: dict[str, Any]) -> dict[str, Any]:
         "bits",
         "layers",
         "budget",
+        "quant_preset",
         "seed",
         "fp_top1",
         "q_top1",
@@ -180,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--method", help="method preset (gdfq)")
     q.add_argument("--bits", help="e.g. W4A4, W3A3, W4A4-F8L8")
     q.add_argument("--budget", help="budget preset: smoke, cpu, calibrate (no student step), paper")
+    q.add_argument(
+        "--quant", help="quantization preset: recon (dfq's best data-free recipe); default: the reference's"
+    )
     q.add_argument("--seed", type=int)
     q.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     q.add_argument("--eval", help="labelled set for accuracy: fashion-mnist, a .npz, an ImageFolder")

@@ -177,6 +177,7 @@ def finish_report(
         "real_data_used": spec.real_data_used,
         "bits": q.label,
         "layers": q.layers_label,
+        "quant_preset": q.preset,
         "kd_reduction": m.kd_reduction,
         "act_range": q.act_range,
         "act_clip": q.act_clip,

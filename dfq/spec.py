@@ -30,9 +30,38 @@ def _check_bits(v: int | None) -> int | None:
     return v
 
 
+# Named quantization recipes, set with ``"quant": "recon"`` or ``{"preset": "recon", ...}`` (fields given
+# beside the name override it; the bits come from ``bits``). None (the default) is the reference's
+# quantizer: min/max EMA ranges, nearest rounding. ``recon`` is the recipe behind dfq's best data-free
+# results (docs/benchmarks.md "The `recon` quantization preset"): activation ranges from the teacher's
+# BN (least-error Gaussian clipping, depthwise-equalised, consumer-weighted), the clipped STE, and after
+# training each residual block's weight rounding and activation steps learnt against the teacher on the
+# generator's images with QDrop's input drop. Bias correction is not in it: measured on the generator's
+# images it gains resnet20 W3A3 0.37 but costs MobileNetV2 W3A3 2.33 and W4A4 up to 0.09, which takes
+# one seed out of 1 point of FP. Meant for the `calibrate` budget: learnt rounding undoes a fine-tuning.
+QUANT_PRESETS: dict[str, dict[str, Any]] = {
+    "recon": {
+        "act_clip": "bn-mse",
+        "act_ste": "clipped",
+        "act_equalize": "depthwise",
+        "act_mse_weight": "consumer",
+        "weight_round": "adaround",
+        "round_drop": 0.5,
+        "round_unit": "block",
+        "round_act": "lsq",
+        "round_act_lr": 2e-3,
+    },
+}
+
+
 class QuantSpec(_Strict):
     """How the student is quantized (methods.md section 0)."""
 
+    preset: str | None = Field(
+        None,
+        description="a named recipe whose values fill the fields not given (recon: dfq's best data-free "
+        "recipe; see QUANT_PRESETS). None: the reference quantizer",
+    )
     w_bits: int = Field(4, description="weight bits for every Conv2d/Linear (2-16, 32 = float)")
     a_bits: int = Field(4, description="activation bits after every ReLU/ReLU6 (2-16, 32 = float)")
     first_layer_bits: int | None = Field(None, description="override for the first layer (8 for F8L8)")
@@ -136,6 +165,11 @@ class QuantSpec(_Strict):
     _bits = field_validator("w_bits", "a_bits", "first_layer_bits", "last_layer_bits")(
         classmethod(lambda cls, v: _check_bits(v))
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        return _apply_preset(data, QUANT_PRESETS, "quant")
 
     @model_validator(mode="after")
     def _bn_mse_options_need(self) -> QuantSpec:
@@ -668,6 +702,8 @@ class JobSpec(_Strict):
             quant = data.get("quant") or {}
             if isinstance(quant, BaseModel):
                 quant = quant.model_dump()
+            elif isinstance(quant, str):  # a preset's name: {"bits": "W3A3", "quant": "recon"}
+                quant = {"preset": quant}
             data["quant"] = {**parse_bits(bits), **quant}
         return data
 
@@ -705,7 +741,8 @@ class JobSpec(_Strict):
         return bool(fdda and fdda.centers == "few-shot") or self.quant.round_set is not None
 
     def summary(self) -> str:
-        return f"{self.method.preset or 'custom'} {self.quant.label} ({self.quant.layers_label}) budget={self.budget.preset or 'custom'} seed={self.seed}"
+        quant = f" quant={self.quant.preset}" if self.quant.preset else ""
+        return f"{self.method.preset or 'custom'} {self.quant.label} ({self.quant.layers_label}) budget={self.budget.preset or 'custom'}{quant} seed={self.seed}"
 
 
 def same_spec(stored: Any, spec: JobSpec) -> bool:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from dfq.spec import (
     BUDGET_PRESETS,
+    QUANT_PRESETS,
     ACQSpec,
     BudgetSpec,
     DSGSpec,
@@ -39,13 +40,14 @@ BLOCKS: dict[str, tuple[type[BaseModel], str]] = {
 }
 SKIP = {
     "method": {"preset", *BLOCKS},
-    "quant": {"w_bits", "a_bits", "first_layer_bits", "last_layer_bits"},  # the bits field sets them
+    "quant": {"preset", "w_bits", "a_bits", "first_layer_bits", "last_layer_bits"},  # bits sets the bits
     "budget": {"preset", "g_betas"},
 }
 TOP_LEVEL = (
     "checkpoint_id",
     "method.blocks",
     "bits",
+    "quant.preset",
     "budget.preset",
     "seed",
     "eval",
@@ -190,6 +192,8 @@ def spec_data(form: dict[str, str], blocks: list[str]) -> dict[str, Any]:
         data["quant"] = parse_bits(bits)
     except ValueError as exc:
         errors["bits"] = [str(exc)]
+    if form.get("quant.preset"):
+        data.setdefault("quant", {})["preset"] = form["quant.preset"]
     if form.get("eval_limit", "").strip():
         data["eval_limit"] = form["eval_limit"].strip()
     for f in all_fields().values():
@@ -280,6 +284,7 @@ def form_values(spec: dict[str, Any] | None) -> tuple[dict[str, str], list[str]]
         )
     values |= {
         "bits": label,
+        "quant.preset": str(q.get("preset") or ""),
         "budget.preset": str(spec.get("budget", {}).get("preset") or ""),
         "seed": str(spec.get("seed", 0)),
         "eval": spec.get("eval") or "",
@@ -291,11 +296,27 @@ def form_values(spec: dict[str, Any] | None) -> tuple[dict[str, str], list[str]]
 
 def defaults() -> tuple[dict[str, str], list[str]]:
     values = {f.name: _as_text(f.default) for f in all_fields().values() if f.always}
-    values |= {"bits": "W4A4", "budget.preset": "cpu", "seed": "0", "eval": "fashion-mnist", "device": "auto"}
+    values |= {
+        "bits": "W4A4",
+        "quant.preset": "",
+        "budget.preset": "cpu",
+        "seed": "0",
+        "eval": "fashion-mnist",
+        "device": "auto",
+    }
     return values, []
+
+
+def _preset_values(model: type[BaseModel], section: str, presets: dict[str, dict]) -> dict[str, dict]:
+    base = {k: v for k, v in model().model_dump(mode="json").items() if k not in SKIP[section]}
+    return {name: {**base, **values} for name, values in presets.items()}
 
 
 def budget_presets() -> dict[str, dict[str, Any]]:
     """Preset values for the budget placeholders (the page's script shows the chosen preset's)."""
-    base = {k: v for k, v in BudgetSpec().model_dump(mode="json").items() if k not in SKIP["budget"]}
-    return {name: {**base, **values} for name, values in BUDGET_PRESETS.items()}
+    return _preset_values(BudgetSpec, "budget", BUDGET_PRESETS)
+
+
+def quant_presets() -> dict[str, dict[str, Any]]:
+    """The same for the quantization fields; "" (no preset) shows the reference quantizer's defaults."""
+    return _preset_values(QuantSpec, "quant", {"": {}, **QUANT_PRESETS})

@@ -19,6 +19,21 @@ def test_every_method_block_and_budget_field_is_in_the_form():
         assert {f"method.{block}.{n}" for n in model.model_fields} <= set(names)
     assert {"budget.epochs", "budget.lr_milestones", "quant.act_range", "method.kd_reduction"} <= set(names)
     assert "budget.g_betas" not in names and "quant.w_bits" not in names  # bits sets those
+    assert "quant.preset" not in names and "quant.preset" in specform.TOP_LEVEL  # a select of its own
+
+
+def test_the_quant_preset_select_sets_the_preset_and_its_placeholders_show_its_values():
+    values, _ = specform.defaults()
+    assert _submit(values, []).quant.preset is None  # "reference" is the default
+    spec = _submit({**values, "quant.preset": "recon", "quant.round_act_lr": "0.001"}, [])
+    assert spec.quant.preset == "recon" and spec.quant.round_unit == "block"
+    assert spec.quant.round_act_lr == 0.001  # a filled field beats the preset
+    shown = specform.quant_presets()
+    assert shown[""]["weight_round"] == "nearest" and shown["recon"]["weight_round"] == "adaround"
+    assert "w_bits" not in shown["recon"] and "preset" not in shown["recon"]
+    with pytest.raises(ValidationError) as exc:
+        _submit({**values, "quant.preset": "nope"}, [])
+    assert list(specform.validation_errors(exc.value)) == ["quant"]
 
 
 def test_ticked_blocks_make_the_combined_preset_and_empty_fields_keep_preset_values():
@@ -67,6 +82,7 @@ def test_errors_land_on_the_field_they_are_about():
             "eval_limit": 500,
         },
         {"method": "fdda-fewshot", "budget": "paper"},
+        {"bits": "W3A3", "quant": {"preset": "recon", "round_iters": 500}, "budget": "calibrate"},
         {"method": {"preset": "acq", "acq": {"stage": "layer2", "pair_weight": 0.0}}, "budget": "smoke"},
     ],
 )

@@ -75,3 +75,15 @@ def test_spec_is_json_text_or_a_file_even_when_longer_than_a_file_name(tmp_path)
     f = tmp_path / "spec.json"
     f.write_text(long)
     assert _read_spec_text(str(f)) == long
+
+
+def test_the_quant_flag_names_a_preset_alone_or_over_a_spec():
+    from dfq.cli import _spec_from_args, build_parser
+
+    def spec(*argv):
+        return _spec_from_args(build_parser().parse_args(["quantize", "--teacher", "t", "--out", "x", *argv]))
+
+    assert spec("--bits", "W3A3", "--quant", "recon").quant.round_act == "lsq"
+    over = spec("--spec", json.dumps({"quant": {"act_mse_weight": "uniform"}}), "--quant", "recon")
+    assert over.quant.preset == "recon" and over.quant.act_mse_weight == "uniform"  # the spec's field stays
+    assert spec("--bits", "W3A3").quant.preset is None

@@ -5,7 +5,7 @@ import pytest
 from pydantic import ValidationError
 
 from dfq.job import load_completed
-from dfq.spec import JobSpec, parse_bits, parse_spec, same_spec
+from dfq.spec import QUANT_PRESETS, JobSpec, QuantSpec, parse_bits, parse_spec, same_spec
 
 
 def test_shorthand_from_the_issue():
@@ -73,11 +73,31 @@ def test_values_of_the_wrong_type_are_validation_errors_not_crashes(key, value):
         JobSpec.model_validate({key: value})
 
 
+def test_a_quant_preset_fills_what_is_not_given_and_survives_the_round_trip():
+    spec = JobSpec.model_validate({"bits": "W3A3", "quant": "recon", "budget": "calibrate"})
+    for field, value in QUANT_PRESETS["recon"].items():
+        assert getattr(spec.quant, field) == value, field
+    assert (spec.quant.w_bits, spec.quant.a_bits) == (3, 3)  # bits still come from "bits"
+    assert "quant=recon" in spec.summary()
+    assert JobSpec.model_validate(spec.canonical()) == spec
+    mine = JobSpec.model_validate({"bits": "W4A4", "quant": {"preset": "recon", "act_mse_weight": "uniform"}})
+    assert mine.quant.act_mse_weight == "uniform" and mine.quant.round_act == "lsq"  # given beats the preset
+    # the canonical form holds every field, so a field edited there beats the preset on re-validation
+    edited = {**spec.canonical(), "quant": {**spec.canonical()["quant"], "round_act": "fixed"}}
+    assert JobSpec.model_validate(edited).quant.round_act == "fixed"
+    assert QuantSpec().preset is None and QuantSpec().weight_round == "nearest"  # the reference by default
+    with pytest.raises(ValidationError, match="unknown quant preset 'brecq'; known: recon"):
+        JobSpec.model_validate({"quant": "brecq"})
+    with pytest.raises(ValidationError, match=r"round_act 'lsq' needs quant\.round_unit 'block'"):
+        JobSpec.model_validate({"quant": {"preset": "recon", "round_unit": "layer"}})  # still validated
+
+
 def test_same_spec_accepts_a_spec_written_before_a_field_existed():
     spec = parse_spec({"method": "acq", "bits": "W3A3", "budget": "cpu", "seed": 2})
     stored = spec.canonical()
     del stored["speed"]["fused_upsample"]  # as an older dfq wrote it
     del stored["budget"]["clip_grad_s"]
+    del stored["quant"]["preset"]
     assert same_spec(stored, spec)
     assert not same_spec({**spec.canonical(), "seed": 3}, spec)
     assert not same_spec({**spec.canonical(), "seed": -1}, spec)  # invalid now: never the same

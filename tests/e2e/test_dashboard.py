@@ -180,6 +180,14 @@ def test_new_job_form_puts_validation_errors_next_to_their_fields(page, shots, s
 
 def test_a_smoke_job_runs_to_done_with_live_progress_curves_samples_and_attention(page, shots, state):
     page.goto(f"/jobs/new?checkpoint={state['checkpoint']}")
+    # the quantization preset's values show as the empty fields' placeholders, as the budget's do
+    first = 'select[name="quant.weight_round"] option >> nth=0'
+    assert page.locator(first).text_content() == "preset (nearest)"
+    page.select_option("#quant-preset", "recon")
+    assert page.locator(first).text_content() == "preset (adaround)"
+    assert page.get_attribute('input[name="quant.round_act_lr"]', "placeholder") == "0.002"
+    page.select_option("#quant-preset", "")  # this job keeps the reference quantizer
+    assert page.locator(first).text_content() == "preset (nearest)"
     page.fill('input[name="bits"]', "W4A4")
     page.select_option("#budget-preset", "smoke")
     page.fill('input[name="seed"]', "0")

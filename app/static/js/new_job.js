@@ -1,5 +1,5 @@
-// New-job form: open the components of the ticked method blocks, show the chosen budget preset's
-// values as placeholders, and enable teachers in the picker once their intake finished.
+// New-job form: open the components of the ticked method blocks, show the chosen budget and
+// quantization presets' values as placeholders, and enable teachers in the picker once their intake finished.
 "use strict";
 (function () {
   const form = document.getElementById("new-job");
@@ -15,20 +15,24 @@
   for (const box of form.querySelectorAll('input[name="method.blocks"]')) box.addEventListener("change", syncBlocks);
   for (const d of form.querySelectorAll("details.block-section[open]")) d.dataset.seen = "1";
 
-  const presets = JSON.parse(form.dataset.budgetPresets);
-  const budget = document.getElementById("budget-preset");
-  function syncBudget() {
-    const values = presets[budget.value] || {};
-    for (const [k, v] of Object.entries(values)) {
-      const input = form.querySelector('[name="budget.' + k + '"]');
-      if (!input) continue;
-      const shown = v === null ? "" : Array.isArray(v) ? (v.length ? v.join(", ") : "none") : String(v);
-      if (input.tagName === "SELECT") { if (input.options[0] && input.options[0].value === "") input.options[0].textContent = "preset (" + shown + ")"; }
-      else input.placeholder = shown;
+  // A preset select fills its section's placeholders (and its selects' "preset (...)" option) with the
+  // chosen preset's values, so empty fields say what the job will get.
+  function presetPlaceholders(select, presets, section) {
+    function sync() {
+      const values = presets[select.value] || {};
+      for (const [k, v] of Object.entries(values)) {
+        const input = form.querySelector('[name="' + section + "." + k + '"]');
+        if (!input) continue;
+        const shown = v === null ? "" : Array.isArray(v) ? (v.length ? v.join(", ") : "none") : String(v);
+        if (input.tagName === "SELECT") { if (input.options[0] && input.options[0].value === "") input.options[0].textContent = "preset (" + shown + ")"; }
+        else input.placeholder = shown;
+      }
     }
+    select.addEventListener("change", sync);
+    sync();
   }
-  budget.addEventListener("change", syncBudget);
-  syncBudget();
+  presetPlaceholders(document.getElementById("budget-preset"), JSON.parse(form.dataset.budgetPresets), "budget");
+  presetPlaceholders(document.getElementById("quant-preset"), JSON.parse(form.dataset.quantPresets), "quant");
 
   const pending = [...form.querySelectorAll('#checkpoint option[data-state="pending"]')];
   if (pending.length) {
