@@ -41,7 +41,7 @@ def _switches(spec: JobSpec) -> list[list[Any]]:
         ["method preset", m.preset or "custom"],
         ["components", ", ".join(m.components)],
         ["bits", q.label],
-        ["quantization preset", q.preset or "none (the reference quantizer)"],
+        ["quantization preset", q.preset or "none"],
         ["first/last layer", q.layers_label],
         ["per-channel weights", q.per_channel],
         [

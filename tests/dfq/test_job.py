@@ -165,3 +165,23 @@ def test_a_calibration_only_job_keeps_the_teachers_weights_and_calibrates_its_ra
     assert quantizers and all(int(m.updates) == 4 for m in quantizers)  # every batch calibrated them
     card = render_model_card(report, info, spec)
     assert "calibration only, no student step" in card
+
+
+def test_a_job_on_the_recon_preset_reconstructs_block_wise_and_says_so(tmp_path):
+    """The preset as a job runs it: on a calibration-only budget, every residual block learns its rounding
+    and its activation steps, and the report, the model card and the headline name the preset."""
+    spec = JobSpec.model_validate(
+        {
+            "bits": "W4A4",
+            "budget": {"preset": "smoke", "epochs": 1, "warmup_epochs": 1},
+            "quant": {"preset": "recon", "round_iters": 4, "round_images": 32},
+            "device": "cpu",
+        }
+    )
+    report = run_job(spec, "resnet20_fmnist", tmp_path)
+    assert report["quant_preset"] == "recon" and report["student_steps"] == 0
+    assert report["act_clip"] == "bn-mse" and report["act_mse_weight"] == "consumer"
+    rounding = report["weight_rounding"]
+    blocks = [name for name in rounding if name.startswith("layer")]
+    assert len(blocks) == 9 and all("act_step_change" in rounding[b] for b in blocks)
+    assert "| quantization preset | recon |" in (tmp_path / "report.md").read_text()
