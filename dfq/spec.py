@@ -37,8 +37,8 @@ def _check_bits(v: int | None) -> int | None:
 # BN (least-error Gaussian clipping, depthwise-equalised, consumer-weighted), the clipped STE, and after
 # training each residual block's weight rounding and activation steps learnt against the teacher on the
 # generator's images with QDrop's input drop. Bias correction is not in it: measured on the generator's
-# images it gains resnet20 W3A3 0.37 but costs MobileNetV2 W3A3 2.33 and W4A4 up to 0.09, which takes
-# one seed out of 1 point of FP. Meant for the `calibrate` budget: learnt rounding undoes a fine-tuning.
+# images it gains resnet20 W3A3 0.37 but costs MobileNetV2 W3A3 2.33 and W4A4 up to 0.09 (which takes
+# one seed out of 1 point of FP) and resnet20 W4A4 0.12-0.23. Meant for the `calibrate` budget: learnt rounding undoes a fine-tuning.
 QUANT_PRESETS: dict[str, dict[str, Any]] = {
     "recon": {
         "act_clip": "bn-mse",
