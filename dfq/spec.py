@@ -15,6 +15,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 _BITS_RE = re.compile(r"^W(\d+)A(\d+)(?:[-_ ]?F(\d+)L(\d+))?$", re.IGNORECASE)
 FLOAT_BITS = 32
@@ -244,13 +245,23 @@ def parse_bits(text: str) -> dict[str, int]:
     return out
 
 
+def unknown_preset(kind: str, name: Any, known: str) -> PydanticCustomError:
+    """A typed error, so a form can show it on the preset's own select: a "before" validator's
+    error is located at the section (``quant``), not at the ``preset`` field that caused it."""
+    return PydanticCustomError(
+        "unknown_preset",
+        "unknown {kind} preset {name}; known: {known}",
+        {"kind": kind, "name": repr(name), "known": known},
+    )
+
+
 def _apply_preset(data: Any, presets: dict[str, dict], kind: str) -> Any:
     if isinstance(data, str):
         data = {"preset": data}
     if isinstance(data, dict) and data.get("preset") is not None:
         name = data["preset"]
         if not isinstance(name, str) or name not in presets:  # a list here must be a 422, not a TypeError
-            raise ValueError(f"unknown {kind} preset {name!r}; known: {', '.join(presets)}")
+            raise unknown_preset(kind, name, ", ".join(presets))
         data = {**presets[name], **data}
     return data
 
@@ -379,9 +390,7 @@ def _method_preset(data: Any) -> Any:
     merged: dict[str, Any] = {}
     for name in str(data["preset"]).split("+"):
         if name not in METHOD_PRESETS:
-            raise ValueError(
-                f"unknown method preset {name!r}; known: {', '.join(METHOD_PRESETS)} (combine with '+')"
-            )
+            raise unknown_preset("method", name, f"{', '.join(METHOD_PRESETS)} (combine with '+')")
         merged = _merge(merged, METHOD_PRESETS[name])
     return _merge(merged, data)
 

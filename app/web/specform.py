@@ -233,6 +233,8 @@ def spec_data(form: dict[str, str], blocks: list[str]) -> dict[str, Any]:
 def error_field(loc: tuple[Any, ...], names: set[str]) -> str:
     """The form field a pydantic ``loc`` belongs to: the longest known prefix (``""``: the form)."""
     parts = [str(p) for p in loc]
+    if ".".join(parts) in names:  # quant.preset: a select of its own, though the bits rule skips it
+        return ".".join(parts)
     if parts[:1] == ["quant"] and len(parts) > 1 and parts[1] in SKIP["quant"]:
         return "bits"
     for n in range(len(parts), 0, -1):
@@ -247,7 +249,8 @@ def validation_errors(exc: ValidationError) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for e in exc.errors(include_url=False):
         msg = e["msg"].removeprefix("Value error, ")
-        messages = out.setdefault(error_field(tuple(e["loc"]), names), [])
+        loc = (*e["loc"], "preset") if e["type"] == "unknown_preset" else tuple(e["loc"])
+        messages = out.setdefault(error_field(loc, names), [])
         if msg not in messages:  # W1A1: w_bits and a_bits say the same thing about one field
             messages.append(msg)
     return out

@@ -121,6 +121,12 @@ def test_the_new_job_form_shows_errors_and_keeps_what_was_typed(client, alice_to
     assert r.status_code == 422
     assert re.search(r'data-error-for="seed">[^<]*greater than or equal to 0', r.text)
     assert 'name="seed" value="-1"' in r.text
+    r = client.post(  # a preset name the select does not offer: a hand-made POST
+        "/ui/jobs",
+        data={"csrf_token": csrf, "checkpoint_id": ready_checkpoint, "bits": "W4A4", "quant.preset": "brecq"},
+    )
+    assert r.status_code == 422
+    assert re.search(r'data-error-for="quant.preset">[^<]*unknown quant preset &#39;brecq&#39;', r.text)
     r = client.post(
         "/ui/jobs",
         data={

@@ -31,9 +31,17 @@ def test_the_quant_preset_select_sets_the_preset_and_its_placeholders_show_its_v
     shown = specform.quant_presets()
     assert shown[""]["weight_round"] == "nearest" and shown["recon"]["weight_round"] == "adaround"
     assert "w_bits" not in shown["recon"] and "preset" not in shown["recon"]
+
+
+@pytest.mark.parametrize("select", ["quant.preset", "budget.preset"])
+def test_an_unknown_preset_name_is_reported_on_its_own_select(select: str):
+    """Only a hand-made POST can send one; its error belongs on the select, not the section."""
+    values, _ = specform.defaults()
     with pytest.raises(ValidationError) as exc:
-        _submit({**values, "quant.preset": "nope"}, [])
-    assert list(specform.validation_errors(exc.value)) == ["quant"]
+        _submit({**values, select: "nope"}, [])
+    errors = specform.validation_errors(exc.value)
+    assert list(errors) == [select]
+    assert errors[select][0].startswith(f"unknown {select.split('.')[0]} preset 'nope'; known: ")
 
 
 def test_ticked_blocks_make_the_combined_preset_and_empty_fields_keep_preset_values():
