@@ -245,7 +245,7 @@ def parse_bits(text: str) -> dict[str, int]:
     return out
 
 
-def unknown_preset(kind: str, name: Any, known: str) -> PydanticCustomError:
+def _unknown_preset(kind: str, name: Any, known: str) -> PydanticCustomError:
     """A typed error, so a form can show it on the preset's own select: a "before" validator's
     error is located at the section (``quant``), not at the ``preset`` field that caused it."""
     return PydanticCustomError(
@@ -261,7 +261,7 @@ def _apply_preset(data: Any, presets: dict[str, dict], kind: str) -> Any:
     if isinstance(data, dict) and data.get("preset") is not None:
         name = data["preset"]
         if not isinstance(name, str) or name not in presets:  # a list here must be a 422, not a TypeError
-            raise unknown_preset(kind, name, ", ".join(presets))
+            raise _unknown_preset(kind, name, ", ".join(presets))
         data = {**presets[name], **data}
     return data
 
@@ -390,7 +390,7 @@ def _method_preset(data: Any) -> Any:
     merged: dict[str, Any] = {}
     for name in str(data["preset"]).split("+"):
         if name not in METHOD_PRESETS:
-            raise unknown_preset("method", name, f"{', '.join(METHOD_PRESETS)} (combine with '+')")
+            raise _unknown_preset("method", name, f"{', '.join(METHOD_PRESETS)} (combine with '+')")
         merged = _merge(merged, METHOD_PRESETS[name])
     return _merge(merged, data)
 
