@@ -38,9 +38,10 @@ BLOCKS: dict[str, tuple[type[BaseModel], str]] = {
     "acq": (ACQSpec, "ACQ: attention-center conditioning and consistency"),
     "lrq": (LRQSpec, "LRQ: long-range generator, adversarial margin, decoupled KD"),
 }
+BIT_FIELDS = {"w_bits", "a_bits", "first_layer_bits", "last_layer_bits"}  # the bits field sets them
 SKIP = {
     "method": {"preset", *BLOCKS},
-    "quant": {"preset", "w_bits", "a_bits", "first_layer_bits", "last_layer_bits"},  # bits sets the bits
+    "quant": {"preset", *BIT_FIELDS},  # the preset has a select of its own
     "budget": {"preset", "g_betas"},
 }
 TOP_LEVEL = (
@@ -233,9 +234,7 @@ def spec_data(form: dict[str, str], blocks: list[str]) -> dict[str, Any]:
 def error_field(loc: tuple[Any, ...], names: set[str]) -> str:
     """The form field a pydantic ``loc`` belongs to: the longest known prefix (``""``: the form)."""
     parts = [str(p) for p in loc]
-    if ".".join(parts) in names:  # quant.preset: a select of its own, though the bits rule skips it
-        return ".".join(parts)
-    if parts[:1] == ["quant"] and len(parts) > 1 and parts[1] in SKIP["quant"]:
+    if parts[:1] == ["quant"] and len(parts) > 1 and parts[1] in BIT_FIELDS:
         return "bits"
     for n in range(len(parts), 0, -1):
         name = ".".join(parts[:n])
