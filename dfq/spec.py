@@ -14,7 +14,15 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 _BITS_RE = re.compile(r"^W(\d+)A(\d+)(?:[-_ ]?F(\d+)L(\d+))?$", re.IGNORECASE)
@@ -52,6 +60,20 @@ QUANT_PRESETS: dict[str, dict[str, Any]] = {
         "round_act": "lsq",
         "round_act_lr": 2e-3,
     },
+}
+
+# What a preset's field serves: the preset fills it only where these hold in the spec it resolves to. So
+# overriding the field it serves switches its dependants off with it: ``{"preset": "recon",
+# "weight_round": "nearest"}`` is the recipe without its learnt rounding (round_drop, round_unit,
+# round_act and round_act_lr fall back to their defaults) instead of a failed check below. A field the
+# user gives is always kept, so a pair given in conflict is still an error.
+QUANT_PRESET_NEEDS: dict[str, dict[str, Any]] = {
+    "act_equalize": {"act_clip": "bn-mse", "per_channel": True},
+    "act_mse_weight": {"act_clip": "bn-mse"},
+    "round_drop": {"weight_round": "adaround"},
+    "round_unit": {"weight_round": "adaround"},
+    "round_act": {"round_unit": "block"},
+    "round_act_lr": {"round_act": "lsq"},
 }
 
 
@@ -170,7 +192,7 @@ class QuantSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _preset(cls, data: Any) -> Any:
-        return _apply_preset(data, QUANT_PRESETS, "quant")
+        return _apply_preset(data, QUANT_PRESETS, "quant", cls, QUANT_PRESET_NEEDS)
 
     @model_validator(mode="after")
     def _bn_mse_options_need(self) -> QuantSpec:
@@ -255,15 +277,49 @@ def _unknown_preset(kind: str, name: Any, known: str) -> PydanticCustomError:
     )
 
 
-def _apply_preset(data: Any, presets: dict[str, dict], kind: str) -> Any:
+def _apply_preset(
+    data: Any,
+    presets: dict[str, dict],
+    kind: str,
+    model: type[BaseModel] | None = None,
+    needs: dict[str, dict[str, Any]] | None = None,
+) -> Any:
     if isinstance(data, str):
         data = {"preset": data}
     if isinstance(data, dict) and data.get("preset") is not None:
         name = data["preset"]
         if not isinstance(name, str) or name not in presets:  # a list here must be a 422, not a TypeError
             raise _unknown_preset(kind, name, ", ".join(presets))
-        data = {**presets[name], **data}
+        filled = {**presets[name], **data}
+        if model is not None and needs:
+            filled = _drop_unserved(filled, set(data), model, needs)
+        data = filled
     return data
+
+
+def _drop_unserved(
+    filled: dict[str, Any], given: set[str], model: type[BaseModel], needs: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Take out the preset's fields whose ``needs`` no longer hold, until none is left: dropping one
+    (round_unit back to "layer") can take away what the next one needs (round_act "lsq")."""
+
+    def value(field: str) -> Any:
+        if field not in filled:
+            return model.model_fields[field].default
+        try:  # a form sends "false" for False; compare what the field will hold
+            return TypeAdapter(model.model_fields[field].annotation).validate_python(filled[field])
+        except ValidationError:
+            return filled[field]  # the field's own check reports it
+
+    dropped = True
+    while dropped:
+        dropped = False
+        for field, conditions in needs.items():
+            unserved = any(value(k) != v for k, v in conditions.items())
+            if field in filled and field not in given and unserved:
+                del filled[field]
+                dropped = True
+    return filled
 
 
 # ---------------------------------------------------------------------------------------------- method

@@ -23,7 +23,7 @@ from app.sessions import CSRF_FIELD
 from app.web import specform
 from app.web.render import check_csrf, render, require_login
 from dfq.models.names import arch_family, arch_names
-from dfq.spec import BUDGET_PRESETS, METHOD_PRESETS, QUANT_PRESETS, JobSpec
+from dfq.spec import BUDGET_PRESETS, METHOD_PRESETS, QUANT_PRESET_NEEDS, QUANT_PRESETS, JobSpec
 from worker.models import Checkpoint
 
 router = APIRouter(include_in_schema=False)
@@ -135,6 +135,7 @@ def _form_page(
         "budget_names": list(BUDGET_PRESETS),
         "quant_presets": specform.quant_presets(),
         "quant_names": list(QUANT_PRESETS),
+        "quant_needs": QUANT_PRESET_NEEDS,
         "eval_sets": specform.EVAL_SETS,
         "devices": specform.DEVICES,
         "cloned_from": cloned_from,

@@ -33,6 +33,17 @@ def test_the_quant_preset_select_sets_the_preset_and_its_placeholders_show_its_v
     assert "w_bits" not in shown["recon"] and "preset" not in shown["recon"]
 
 
+def test_the_recon_preset_with_nearest_rounding_picked_on_the_form_is_a_job_not_an_error():
+    values, _ = specform.defaults()
+    spec = _submit({**values, "quant.preset": "recon", "quant.weight_round": "nearest"}, [])
+    assert (spec.quant.weight_round, spec.quant.round_unit, spec.quant.round_act) == (
+        "nearest",
+        "layer",
+        "fixed",
+    )
+    assert spec.quant.round_drop == 0 and spec.quant.act_equalize == "depthwise"  # the ranges stay
+
+
 @pytest.mark.parametrize("select", ["quant.preset", "budget.preset"])
 def test_an_unknown_preset_name_is_reported_on_its_own_select(select: str):
     """Only a hand-made POST can send one; its error belongs on the select, not the section."""

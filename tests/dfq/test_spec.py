@@ -89,7 +89,37 @@ def test_a_quant_preset_fills_what_is_not_given_and_survives_the_round_trip():
     with pytest.raises(ValidationError, match="unknown quant preset 'brecq'; known: recon"):
         JobSpec.model_validate({"quant": "brecq"})
     with pytest.raises(ValidationError, match=r"round_act 'lsq' needs quant\.round_unit 'block'"):
-        JobSpec.model_validate({"quant": {"preset": "recon", "round_unit": "layer"}})  # still validated
+        JobSpec.model_validate({"quant": {"preset": "recon", "round_unit": "layer", "round_act": "lsq"}})
+
+
+@pytest.mark.parametrize(
+    ("given", "off"),
+    [
+        ({"weight_round": "nearest"}, {"round_drop", "round_unit", "round_act", "round_act_lr"}),
+        ({"round_unit": "layer"}, {"round_act", "round_act_lr"}),
+        ({"round_act": "fixed"}, {"round_act_lr"}),
+        ({"act_clip": "minmax"}, {"act_equalize", "act_mse_weight"}),
+        ({"per_channel": "false"}, {"act_equalize"}),  # as a form sends it
+    ],
+)
+def test_overriding_a_preset_field_switches_off_the_preset_fields_that_serve_it(given, off):
+    """``{"preset": "recon", "weight_round": "nearest"}`` is the recipe without its rounding, not a 422."""
+    quant = JobSpec.model_validate({"bits": "W3A3", "quant": {"preset": "recon", **given}}).quant
+    default = QuantSpec()
+    for field, value in QUANT_PRESETS["recon"].items():
+        if field in given:
+            continue
+        expected = getattr(default, field) if field in off else value
+        assert getattr(quant, field) == expected, field
+    assert quant.preset == "recon"
+
+
+def test_the_recon_preset_without_rounding_is_the_spec_the_benchmarks_spelt_out():
+    short = {"preset": "recon", "weight_round": "nearest"}
+    long = {**short, "round_drop": 0, "round_unit": "layer", "round_act": "fixed"}
+    assert JobSpec.model_validate({"quant": short}) == JobSpec.model_validate({"quant": long})
+    with pytest.raises(ValidationError, match=r"round_unit needs quant\.weight_round 'adaround'"):
+        JobSpec.model_validate({"quant": {**short, "round_unit": "block"}})  # given in conflict: an error
 
 
 def test_same_spec_accepts_a_spec_written_before_a_field_existed():

@@ -186,6 +186,17 @@ def test_a_smoke_job_runs_to_done_with_live_progress_curves_samples_and_attentio
     page.select_option("#quant-preset", "recon")
     assert page.locator(first).text_content() == "preset (adaround)"
     assert page.get_attribute('input[name="quant.round_act_lr"]', "placeholder") == "0.002"
+    # nearest rounding picked over the preset: the fields that only serve its rounding show their defaults
+    unit = 'select[name="quant.round_unit"] option >> nth=0'
+    assert page.locator(unit).text_content() == "preset (block)"
+    rounding = page.locator('select[name="quant.weight_round"]')
+    rounding.evaluate("el => { el.closest('details').open = true; }")
+    rounding.select_option("nearest")
+    assert page.locator(unit).text_content() == "preset (layer)"
+    assert page.get_attribute('input[name="quant.round_drop"]', "placeholder") == "0"
+    assert page.get_attribute('input[name="quant.round_act_lr"]', "placeholder") == "0.00004"
+    rounding.select_option("")
+    assert page.locator(unit).text_content() == "preset (block)"
     page.select_option("#quant-preset", "")  # this job keeps the reference quantizer
     assert page.locator(first).text_content() == "preset (nearest)"
     page.fill('input[name="bits"]', "W4A4")

@@ -16,10 +16,34 @@
   for (const d of form.querySelectorAll("details.block-section[open]")) d.dataset.seen = "1";
 
   // A preset select fills its section's placeholders (and its selects' "preset (...)" option) with the
-  // chosen preset's values, so empty fields say what the job will get.
-  function presetPlaceholders(select, presets, section) {
+  // chosen preset's values, so empty fields say what the job will get. Where a filled field takes away
+  // what a preset's field serves (needs: dfq/spec.py QUANT_PRESET_NEEDS), that field shows the default
+  // ("" preset), as the spec will resolve it.
+  function presetPlaceholders(select, presets, section, needs) {
+    const own = (k) => {
+      const input = form.querySelector('[name="' + section + "." + k + '"]');
+      return input && input.value !== "" ? input.value : null;
+    };
+    function resolved() {
+      const values = Object.assign({}, presets[select.value] || {});
+      if (!needs || !select.value) return values;
+      const plain = presets[""] || {};
+      const now = (k) => (own(k) !== null ? own(k) : String(values[k]));
+      let dropped = true;
+      while (dropped) {
+        dropped = false;
+        for (const [field, conditions] of Object.entries(needs)) {
+          if (own(field) !== null || values[field] === plain[field]) continue;
+          if (Object.entries(conditions).some(([k, v]) => now(k) !== String(v))) {
+            values[field] = plain[field];
+            dropped = true;
+          }
+        }
+      }
+      return values;
+    }
     function sync() {
-      const values = presets[select.value] || {};
+      const values = resolved();
       for (const [k, v] of Object.entries(values)) {
         const input = form.querySelector('[name="' + section + "." + k + '"]');
         if (!input) continue;
@@ -29,10 +53,14 @@
       }
     }
     select.addEventListener("change", sync);
+    if (needs) {
+      for (const input of form.querySelectorAll('[name^="' + section + '."]')) input.addEventListener("change", sync);
+    }
     sync();
   }
   presetPlaceholders(document.getElementById("budget-preset"), JSON.parse(form.dataset.budgetPresets), "budget");
-  presetPlaceholders(document.getElementById("quant-preset"), JSON.parse(form.dataset.quantPresets), "quant");
+  presetPlaceholders(document.getElementById("quant-preset"), JSON.parse(form.dataset.quantPresets), "quant",
+    JSON.parse(form.dataset.quantNeeds));
 
   const pending = [...form.querySelectorAll('#checkpoint option[data-state="pending"]')];
   if (pending.length) {
