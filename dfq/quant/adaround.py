@@ -152,12 +152,12 @@ def _patched_forwards(modules: list[nn.Module], forwards: list[Callable[[torch.T
             del m.forward
 
 
-def _soft_forward(layer: QuantLayer, soft: SoftRounding) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: layer_forward(layer, x, soft.weight())
-
-
-def _hard_forward(layer: QuantLayer, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: layer_forward(layer, x, weight)
+def _forward_with(
+    layer: QuantLayer, weight: Callable[[], torch.Tensor]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The layer's forward on ``weight()``, read at every call: the soft rounding's weight changes
+    with each step, a hard rounding's is fixed."""
+    return lambda x: layer_forward(layer, x, weight())
 
 
 @dataclass
@@ -265,7 +265,7 @@ def reconstruct_unit(
     @torch.no_grad()
     def full_error(weights: list[torch.Tensor]) -> float:
         with _patched_forwards(
-            layers, [_hard_forward(la, wt) for la, wt in zip(layers, weights, strict=True)]
+            layers, [_forward_with(la, lambda wt=wt: wt) for la, wt in zip(layers, weights, strict=True)]
         ):
             chunks = [
                 error(unit(x), t) * len(x)
@@ -278,7 +278,7 @@ def reconstruct_unit(
     a_opt = torch.optim.Adam([st.delta for st in steps], lr=act_lr) if steps else None
     a_sched = torch.optim.lr_scheduler.CosineAnnealingLR(a_opt, T_max=iters, eta_min=0.0) if a_opt else None
     n = len(inputs)
-    forwards = [_soft_forward(la, s) for la, s in zip(layers, softs, strict=True)]
+    forwards = [_forward_with(la, s.weight) for la, s in zip(layers, softs, strict=True)]
     for q in quantizers:
         own = learnt.get(q) or _own_forward(q)
         forwards.append(_dropped_forward(own, drop, generator) if drop else own)
