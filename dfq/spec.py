@@ -315,8 +315,9 @@ def _drop_unserved(
     while dropped:
         dropped = False
         for field, conditions in needs.items():
-            unserved = any(value(k) != v for k, v in conditions.items())
-            if field in filled and field not in given and unserved:
+            if field not in filled or field in given:  # only a preset's own fields can go
+                continue
+            if any(value(k) != v for k, v in conditions.items()):
                 del filled[field]
                 dropped = True
     return filled
